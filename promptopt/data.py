@@ -66,8 +66,8 @@ def decode_mask(im: Image.Image, mode: MaskMode = "auto", path: str | Path = "<m
     """
     if im.mode == "P":
         arr = np.asarray(im, dtype=np.int64)
-        if mode == "binary":
-            return (arr > 0).astype(np.int64) * (arr != IGNORE_INDEX) + IGNORE_INDEX * (arr == IGNORE_INDEX)
+        if mode == "binary":  # any non-background index is the object; 255 stays "ignore"
+            return np.where(arr == IGNORE_INDEX, IGNORE_INDEX, (arr > 0).astype(np.int64))
         return arr.copy()
     if im.mode in ("RGB", "RGBA"):
         rgb = np.asarray(im.convert("RGB"))

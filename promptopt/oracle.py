@@ -137,6 +137,7 @@ class ValidationOracle:
         self.progress = progress
         self._pairs: dict[tuple[str, str], Stats] = {}
         self._results: dict[tuple[str, ...], OracleResult] = {}
+        self._approx_results: dict[tuple[str, ...], OracleResult] = {}
         self._counters = _Counters()
         backend.prepare(self.samples)
 
@@ -209,24 +210,37 @@ class ValidationOracle:
             self._results[key] = result
         return result
 
-    def score_additions(self, base: Sequence[Prompt], candidates: Sequence[Prompt]) -> list[OracleResult]:
+    def score_additions(self, base: Sequence[Prompt], candidates: Sequence[Prompt],
+                        approximate: bool = False) -> list[OracleResult]:
         """Scores of ``base + [c]`` for each candidate c (the inner loop of greedy selection).
 
         With the pair cache, the base's statistics are merged once per query
         and each candidate costs one merge and one finalisation; otherwise each
-        set is scored with :meth:`score`.
+        set is scored with :meth:`score`. ``approximate=True`` scores a
+        model-combining backend through its output-level pair statistics
+        instead (a cheap ranking for shortlists, memoised apart from exact scores).
         """
+        if approximate:
+            if not self.backend.has_pair_stats:
+                raise ConfigError(f"backend {self.backend.name!r} has no output-level statistics to shortlist with")
+            if self.uses_pair_cache:
+                return self._additions_from_pairs(base, candidates, self._results)
+            return self._additions_from_pairs(base, candidates, self._approx_results)
         if not self.uses_pair_cache:
             return [self.score([*base, c]) for c in candidates]
+        return self._additions_from_pairs(base, candidates, self._results)
+
+    def _additions_from_pairs(self, base: Sequence[Prompt], candidates: Sequence[Prompt],
+                              memo: dict[tuple[str, ...], OracleResult]) -> list[OracleResult]:
         base = sorted(base, key=lambda p: p.key)
         out: list[OracleResult | None] = [None] * len(candidates)
         todo = []
         for i, c in enumerate(candidates):
             key = _set_key([*base, c])
             self._counters.calls += 1
-            if key in self._results:
+            if key in memo:
                 self._counters.memo_hits += 1
-                out[i] = self._results[key]
+                out[i] = memo[key]
             else:
                 todo.append((i, c, key))
         if todo:
@@ -239,7 +253,8 @@ class ValidationOracle:
                     acc.add_confusion(self._confusion(self.backend.finalize(st, q), q), q.id)
             for acc, (i, c, key) in zip(accs, todo):
                 res = OracleResult([p.key.split("/")[-1] for p in [*base, c]], acc.result())
-                self._results[key] = res
+                if self.cache:
+                    memo[key] = res
                 out[i] = res
         return out  # type: ignore[return-value]
 
@@ -252,3 +267,4 @@ class ValidationOracle:
         """Forget cached statistics and results (counters are kept)."""
         self._pairs.clear()
         self._results.clear()
+        self._approx_results.clear()

@@ -1,0 +1,19 @@
+"""promptopt: optimise the prompt, not the weights, of in-context image segmenters.
+
+The data flows one way: dataset → backend (segmenter) → oracle → strategy →
+artifact/report. Start with :class:`~promptopt.task.Task`,
+:func:`~promptopt.backends.create_backend`,
+:class:`~promptopt.oracle.ValidationOracle` and
+:class:`~promptopt.strategies.ForwardSelector`.
+"""
+
+from .backends import Backend, Context, create_backend
+from .data import Dataset, Sample, Split, bundled_sample_root, load_dataset, split_samples
+from .errors import PromptOptError
+from .oracle import ValidationOracle
+from .task import Task
+
+__version__ = "0.1.0"
+
+__all__ = ["Backend", "Context", "create_backend", "Dataset", "Sample", "Split", "bundled_sample_root",
+           "load_dataset", "split_samples", "PromptOptError", "ValidationOracle", "Task", "__version__"]

@@ -1,0 +1,5 @@
+"""In-context segmenters behind one protocol, found by name (``features``, ``seggpt``, ``persam``)."""
+
+from .base import Backend, Context, available_backends, backend_from_config, create_backend, register_backend
+
+__all__ = ["Backend", "Context", "available_backends", "backend_from_config", "create_backend", "register_backend"]

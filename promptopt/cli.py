@@ -1,0 +1,282 @@
+"""The ``promptopt`` command: parses options, calls the Python API, prints results.
+
+No logic lives here that the API lacks. Every user error surfaces as one line
+``error: ...`` naming the file or option at fault (exit code 2), never as a
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import ConfigError, PromptOptError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Optimise the prompt, not the weights, of in-context image segmenters.")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn promptopt's own errors (bad files, ids, options) into a one-line message and exit code 2."""
+    try:
+        yield
+    except PromptOptError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        console.print("interrupted: finished steps are saved; run the same command again to resume")
+        raise typer.Exit(130)
+
+
+def _size(text: Optional[str]) -> float | int | None:
+    if text is None:
+        return None
+    try:
+        return int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise ConfigError(f"split size {text!r} must be a count (10) or a fraction (0.25)") from None
+
+
+def _options(pairs: Optional[List[str]]) -> dict[str, Any]:
+    """--option key=value (value parsed as JSON when it can be: numbers, lists, true/false)."""
+    out: dict[str, Any] = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise ConfigError(f"--option {p!r}: write key=value")
+        k, v = p.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+@contextmanager
+def progress_bars(enabled: bool = True):
+    """A rich progress display; yields a ``progress(label, done, total)`` callback for strategies."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as prog:
+        tasks: dict[str, Any] = {}
+
+        def update(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = prog.add_task(label, total=total)
+            prog.update(tasks[label], completed=done, total=total)
+
+        yield update
+
+
+def _task_and_backend(data: Path, category: Optional[str], backend: str, checkpoint: Optional[str],
+                      option: Optional[List[str]], split_seed: int, pool: str, val: str, test: Optional[str],
+                      num_classes: Optional[int], mask_mode: str, device: Optional[str]):
+    from .backends import create_backend
+    from .task import Task
+
+    task = Task.from_folder(data, category, mask_mode=mask_mode, num_classes=num_classes, pool=_size(pool),
+                            val=_size(val), test=_size(test), seed=split_seed)
+    opts = _options(option)
+    if device:
+        opts["device"] = device
+    return task, create_backend(backend, checkpoint, opts)
+
+
+DataOpt = typer.Option(..., "--data", help="Dataset root: <root>/<category>/{images,masks}/ or <root>/{images,masks}/.")
+CategoryOpt = typer.Option(None, "--category", help="Category (sub-folder) to use.")
+BackendOpt = typer.Option("features", "--backend", help="Segmenter: features (weight-free), seggpt, persam.")
+CheckpointOpt = typer.Option(None, "--checkpoint", help="Model id or local folder for seggpt/persam.")
+OptionOpt = typer.Option(None, "--option", help="Backend option key=value (repeatable).")
+SeedOpt = typer.Option(0, "--split-seed", help="Seed of the pool/val/test split.")
+PoolOpt = typer.Option("0.5", "--pool", help="Prompt pool size: count or fraction.")
+ValOpt = typer.Option("0.25", "--val", help="Validation size: count or fraction.")
+TestOpt = typer.Option(None, "--test", help="Test size: count or fraction (default: the rest).")
+ClassesOpt = typer.Option(None, "--num-classes", help="Classes incl. background; masks with larger ids are an error.")
+MaskModeOpt = typer.Option("auto", "--mask-mode", help="auto, binary or classes (see promptopt.data).")
+DeviceOpt = typer.Option(None, "--device", help="torch device for the backend, e.g. cuda.")
+
+
+@app.command()
+def evaluate(
+    data: Path = DataOpt,
+    category: Optional[str] = CategoryOpt,
+    backend: str = BackendOpt,
+    checkpoint: Optional[str] = CheckpointOpt,
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Comma-separated pool sample ids (file stems)."),
+    shots: Optional[int] = typer.Option(None, "--shots", help="Draw K pool examples with --seed."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --shots."),
+    split_seed: int = SeedOpt,
+    pool: str = PoolOpt,
+    val: str = ValOpt,
+    test: Optional[str] = TestOpt,
+    num_classes: Optional[int] = ClassesOpt,
+    mask_mode: str = MaskModeOpt,
+    option: Optional[List[str]] = OptionOpt,
+    device: Optional[str] = DeviceOpt,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Val and test mIoU of one prompt set."""
+    with user_errors():
+        from .task import evaluate_prompts
+
+        if (prompts is None) == (shots is None):
+            raise ConfigError("give exactly one of --prompts ID,ID,... or --shots K")
+        task, be = _task_and_backend(data, category, backend, checkpoint, option, split_seed, pool, val, test,
+                                     num_classes, mask_mode, device)
+        chosen = task.split.find_pool([p.strip() for p in prompts.split(",") if p.strip()]) if prompts else \
+            task.draw_prompts(shots, seed)
+        if not chosen:
+            raise ConfigError("--prompts names no sample id")
+        val_o, test_o = task.oracles(be)
+        ev = evaluate_prompts(val_o, test_o, chosen)
+        if as_json:
+            doc = {"category": task.category, "backend": be.config(), "num_classes": task.num_classes,
+                   "split_seed": split_seed, "split": task.split.ids(), **ev.to_dict(),
+                   "oracle": {"val": val_o.stats, "test": test_o.stats if test_o else None}}
+            from .artifacts import _clean_floats
+
+            out_console.print_json(json.dumps(_clean_floats(doc)))
+            return
+        t = Table(title=f"{task.category}: prompts {', '.join(ev.prompts)}")
+        t.add_column("split")
+        t.add_column("images", justify="right")
+        t.add_column("mIoU", justify="right")
+        t.add_row("val", str(len(task.split.val)), f"{ev.val_miou:.4f}")
+        if ev.test is not None:
+            t.add_row("test", str(len(task.split.test)), f"{ev.test_miou:.4f}")
+        out_console.print(t)
+
+
+def _select_categories(data: Path, category: Optional[str], mask_mode: str, num_classes: Optional[int]) -> list[str]:
+    from .data import load_dataset
+
+    ds = load_dataset(data, category=category, mask_mode=mask_mode, num_classes=num_classes)
+    return ds.categories
+
+
+@app.command()
+def select(
+    data: Path = DataOpt,
+    out: Path = typer.Option(..., "--out", help="Run folder (created; rerun the same command to resume)."),
+    category: Optional[str] = CategoryOpt,
+    backend: str = BackendOpt,
+    checkpoint: Optional[str] = CheckpointOpt,
+    strategy: str = typer.Option("forward", "--strategy", help="forward | random | best-single | random-search | worst-case"),
+    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="At most K prompts (k of the baselines)."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="e.g. 8GiB, 512MB or bytes."),
+    min_gain: float = typer.Option(0.0, "--min-gain", help="Smallest val-mIoU gain that counts as progress."),
+    patience: int = typer.Option(1, "--patience", help="Steps without gain before forward selection stops."),
+    shortlist: Optional[int] = typer.Option(None, "--shortlist", help="Model-combining backends: exact-score only the top M."),
+    seeds: int = typer.Option(10, "--random-seeds", help="Seeds of the random-k baseline."),
+    no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the baselines."),
+    split_seed: int = SeedOpt,
+    pool: str = PoolOpt,
+    val: str = ValOpt,
+    test: Optional[str] = TestOpt,
+    num_classes: Optional[int] = ClassesOpt,
+    mask_mode: str = MaskModeOpt,
+    option: Optional[List[str]] = OptionOpt,
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Choose the prompt set that maximises val mIoU; compare with baselines; write RUN_DIR."""
+    with user_errors():
+        from .runs import DEFAULT_BASELINES, run_selection, write_summary
+        from .strategies import SELECTION_STRATEGIES
+
+        if strategy not in SELECTION_STRATEGIES:
+            raise ConfigError(f"unknown strategy {strategy!r}; choose one of {', '.join(SELECTION_STRATEGIES)}")
+        cats = _select_categories(data, category, mask_mode, num_classes)
+        command = "promptopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        results = {}
+        for cat in cats:
+            task, be = _task_and_backend(data, cat, backend, checkpoint, option, split_seed, pool, val, test,
+                                         num_classes, mask_mode, device)
+            run_dir = out if len(cats) == 1 else out / cat
+            with progress_bars() as prog:
+                res = run_selection(task, be, run_dir, strategy=strategy, max_prompts=max_prompts,
+                                    memory_budget=memory_budget, min_gain=min_gain, patience=patience,
+                                    shortlist=shortlist, baselines=() if no_baselines else DEFAULT_BASELINES,
+                                    random_seeds=seeds, progress=prog, command=command, log=console.print)
+            results[cat] = res
+            out_console.print(f"{cat}: selected {', '.join(res['selected'])}  val mIoU {res['val_miou']:.4f}  "
+                              f"test mIoU {res['test_miou'] if res['test_miou'] is None else round(res['test_miou'], 4)}"
+                              f"  ({res['oracle']['forwards']} forwards, {res['wall_s']:.1f} s)")
+        if len(cats) > 1:
+            path = write_summary(out, results)
+            out_console.print(f"summary: {path}")
+        else:
+            out_console.print(f"report: {out / 'report.md'}")
+
+
+@app.command()
+def predict(
+    prompt: Path = typer.Option(..., "--prompt", help="prompt.json of a run (or the run folder)."),
+    images: Path = typer.Option(..., "--images", help="Folder of images (or one image)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the PNG masks."),
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Write PNG masks for new images with a saved prompt."""
+    with user_errors():
+        from .predict import predict_folder
+
+        overrides = {"device": device} if device else {}
+        with progress_bars() as prog:
+            cb = (lambda done, total: prog("images", done, total)) if prog else None
+            written = predict_folder(prompt, images, out, progress=cb, **overrides)
+        out_console.print(f"wrote {len(written)} mask(s) to {out}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo run goes."),
+    max_prompts: int = typer.Option(4, "--max-prompts"),
+) -> None:
+    """The main job on the bundled DAVIS sample: forward selection vs baselines, with a report."""
+    with user_errors():
+        from .backends import create_backend
+        from .data import bundled_sample_root, load_dataset
+        from .runs import run_selection, write_summary
+        from .task import Task
+
+        root = bundled_sample_root()
+        ds = load_dataset(root)
+        results = {}
+        for cat in ds.categories:
+            task = Task.from_dataset(ds, cat, seed=0)
+            with progress_bars() as prog:
+                res = run_selection(task, create_backend("features"), out / cat, strategy="forward",
+                                    max_prompts=max_prompts, progress=prog,
+                                    command=f"promptopt demo --out {out} --max-prompts {max_prompts}")
+            results[cat] = res
+            rnd = res["baselines"]["random"]
+            out_console.print(
+                f"{cat:15s} forward selection {len(res['selected'])} prompts: test mIoU {res['test_miou']:.3f}  "
+                f"(random {rnd['k']}-shot {rnd['test_miou_mean']:.3f} ± {rnd['test_miou_std']:.3f}, "
+                f"best single {res['baselines']['best-single']['test_miou']:.3f})")
+        summary = write_summary(out, results)
+        out_console.print(f"\nsummary: {summary}\nreports: {out}/<object>/report.md (and report.html)")
+
+
+def main() -> None:  # pragma: no cover - console-script entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,107 @@
+"""A segmentation task: one category of a dataset, split into prompt pool / val / test.
+
+Holds what every command needs before a strategy runs — which samples are
+candidates, which are scored, how many classes — and evaluates a prompt set on
+both held-out parts with the one oracle implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .backends.base import Backend, Prompt
+from .data import Dataset, MaskMode, Sample, Split, load_dataset, split_samples
+from .errors import ConfigError
+from .oracle import OracleResult, ValidationOracle
+
+
+@dataclass
+class Task:
+    """One category, its deterministic split and its number of classes."""
+
+    category: str
+    split: Split
+    num_classes: int
+    data_root: Path | None = None
+    split_seed: int = 0
+
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset: Dataset,
+        category: str | None = None,
+        pool: float | int = 0.5,
+        val: float | int = 0.25,
+        test: float | int | None = None,
+        seed: int = 0,
+    ) -> "Task":
+        cat = dataset.resolve_category(category)
+        split = split_samples(dataset.samples(cat), pool=pool, val=val, test=test, seed=seed)
+        if not split.val:
+            raise ConfigError(f"category {cat!r}: the validation split is empty; give it at least one image")
+        return cls(category=cat, split=split, num_classes=dataset.num_classes(cat), data_root=dataset.root, split_seed=seed)
+
+    @classmethod
+    def from_folder(cls, root: str | Path, category: str | None = None, mask_mode: MaskMode = "auto",
+                    num_classes: int | None = None, **split_kwargs) -> "Task":
+        ds = load_dataset(root, category=category, mask_mode=mask_mode, num_classes=num_classes)
+        return cls.from_dataset(ds, category, **split_kwargs)
+
+    @property
+    def pool(self) -> list[Sample]:
+        return self.split.pool
+
+    def oracles(self, backend: Backend, cache: bool = True) -> tuple[ValidationOracle, ValidationOracle | None]:
+        """(val oracle, test oracle or None when the test split is empty), sharing the backend."""
+        val = ValidationOracle(backend, self.split.val, self.num_classes, cache=cache)
+        test = ValidationOracle(backend, self.split.test, self.num_classes, cache=cache) if self.split.test else None
+        return val, test
+
+    def draw_prompts(self, k: int, seed: int = 0) -> list[Sample]:
+        """k pool examples drawn without replacement with ``seed`` (the ``--shots K`` of the CLI)."""
+        if k < 1:
+            raise ConfigError(f"--shots must be at least 1, got {k}")
+        if k > len(self.pool):
+            raise ConfigError(f"--shots {k} exceeds the prompt pool of {len(self.pool)} examples")
+        rng = np.random.default_rng(seed)
+        idx = sorted(rng.choice(len(self.pool), size=k, replace=False))
+        return [self.pool[i] for i in idx]
+
+    def describe(self) -> dict:
+        return {"category": self.category, "num_classes": self.num_classes, "split_seed": self.split_seed,
+                "data_root": str(self.data_root) if self.data_root else None, **{"split": self.split.ids()}}
+
+
+@dataclass
+class Evaluation:
+    """Val and test scores of one prompt set."""
+
+    prompts: list[str]
+    val: OracleResult
+    test: OracleResult | None
+
+    @property
+    def val_miou(self) -> float:
+        return self.val.miou
+
+    @property
+    def test_miou(self) -> float | None:
+        return self.test.miou if self.test else None
+
+    def to_dict(self) -> dict:
+        return {"prompts": self.prompts, "val_miou": self.val_miou, "test_miou": self.test_miou,
+                "val": self.val.to_dict(), "test": self.test.to_dict() if self.test else None}
+
+
+def evaluate_prompts(val_oracle: ValidationOracle, test_oracle: ValidationOracle | None,
+                     prompts: Sequence[Prompt]) -> Evaluation:
+    """Score a prompt set on val (what strategies optimise) and on test (held out)."""
+    return Evaluation(
+        prompts=[p.key.split("/")[-1] for p in prompts],
+        val=val_oracle.score(prompts),
+        test=test_oracle.score(prompts) if test_oracle else None,
+    )

@@ -124,6 +124,35 @@ class Backend(ABC):
         """JSON-able description from which :func:`create_backend` rebuilds this backend."""
         return {"name": self.name, "checkpoint": None, "options": {}}
 
+    def to_context(self, prompt: Prompt, num_classes: int) -> Context:
+        """The prompt as tensors on this backend's device (the starting point of context tuning)."""
+        if isinstance(prompt, Context):
+            return prompt
+        return Context.from_sample(prompt, num_classes, getattr(self, "device", "cpu"))
+
+    def tuning_loss(self, prompts: Sequence[Context], queries: Sequence[Sample], num_classes: int) -> torch.Tensor:
+        """Differentiable loss of a (learnable) context on labelled queries, for context tuning.
+
+        The default is the mean over queries of pixel cross-entropy plus soft
+        Dice on the predicted probabilities (ignore pixels excluded). Backends
+        with a loss of their own (SegGPT's smooth-L1 on masked patches)
+        override this.
+        """
+        losses = []
+        probs = self.predict(list(prompts), list(queries), num_classes)
+        for p, q in zip(probs, queries):
+            target = torch.as_tensor(q.mask, device=p.device).long()
+            valid = target != IGNORE_INDEX
+            onehot = one_hot_mask(q.mask, num_classes, p.device)
+            logp = torch.log(p.clamp_min(1e-6))
+            ce = -(logp * onehot).sum(0)[valid].mean() if valid.any() else p.sum() * 0
+            v = valid.unsqueeze(0).float()
+            inter = (p * onehot * v).sum((1, 2))
+            denom = (p * v).sum((1, 2)) + (onehot * v).sum((1, 2))
+            dice = 1 - ((2 * inter + 1) / (denom + 1)).mean()
+            losses.append(ce + dice)
+        return torch.stack(losses).mean()
+
     # --- optional: output-level combination --------------------------------------------------
     @property
     def has_pair_stats(self) -> bool:

@@ -129,7 +129,7 @@ class FeaturesBackend(Backend):
         max_side: int = 192,
         scales: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
         pixels_per_prompt: int = 1024,
-        temperature: float = 1.0,
+        temperature: float = 0.25,
         colour: float = 1.0,
         texture: float = 0.5,
         position: float = 2.0,

@@ -1,0 +1,165 @@
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from promptopt.backends.features import FeaturesBackend
+from promptopt.data import Sample, load_dataset, split_samples
+from promptopt.errors import BudgetError, ConfigError
+from promptopt.memory import format_bytes, parse_bytes
+from promptopt.oracle import ValidationOracle
+from promptopt.strategies import BestSingle, ForwardSelector, RandomK, RandomSearch, WorstCaseGreedy
+
+
+@pytest.fixture(scope="module")
+def car(sample_root):
+    return split_samples(load_dataset(sample_root, category="car-roundabout").samples(), pool=12, val=6, seed=0)
+
+
+def small_backend():
+    return FeaturesBackend(max_side=96, pixels_per_prompt=256)
+
+
+def test_parse_bytes():
+    assert parse_bytes("16GiB") == 16 * 1024**3
+    assert parse_bytes("512MB") == 512 * 1000**2
+    assert parse_bytes("1.5 KiB") == 1536
+    assert parse_bytes(2048) == 2048 and parse_bytes(None) is None
+    for bad in ("lots", "12 parsecs", "-1GB", 0):
+        with pytest.raises(BudgetError):
+            parse_bytes(bad)
+    assert format_bytes(1536) == "1.5 KiB"
+
+
+def test_cached_and_plain_select_the_same(car):
+    """The cached greedy (pair statistics merged arithmetically) picks exactly what the plain one picks."""
+    fast_oracle = ValidationOracle(small_backend(), car.val, cache=True)
+    plain_oracle = ValidationOracle(small_backend(), car.val, cache=False)
+    fast = ForwardSelector(fast_oracle, max_prompts=4).fit(car.pool)
+    plain = ForwardSelector(plain_oracle, max_prompts=4).fit(car.pool)
+    assert fast.selected_ids_ == plain.selected_ids_
+    assert fast.score_ == pytest.approx(plain.score_, abs=1e-9)
+    steps = len(plain.history_)
+    n, v = len(car.pool), len(car.val)
+    # plain: each step scores every remaining candidate with the whole set; cached: each pair once
+    assert plain_oracle.forwards == v * sum((n - s) * (s + 1) for s in range(steps))
+    assert fast_oracle.forwards == v * n
+    for hf, hp in zip(fast.history_, plain.history_):
+        assert hf["chosen"] == hp["chosen"]
+        for cid, score in hp["candidates"].items():
+            assert hf["candidates"][cid] == pytest.approx(score, abs=1e-9)
+
+
+class ScriptedOracle:
+    """Duck-typed oracle with scripted scores: strategies only talk to the oracle, so this isolates
+    the stopping rules. ``table`` maps frozenset(ids) → val mIoU."""
+
+    def __init__(self, table, memory=lambda k: 100 * k):
+        self.table = table
+        self.samples = [Sample("v", "c", image=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), int))]
+        self.backend = SimpleNamespace(memory_bytes=lambda k, size=None: memory(k), name="scripted",
+                                       config=lambda: {"name": "scripted"})
+        self.num_classes = 2
+        self.uses_pair_cache = True
+        self.calls = 0
+
+    def score_additions(self, base, candidates, approximate=False):
+        self.calls += len(candidates)
+        out = []
+        for c in candidates:
+            ids = [b.id for b in base] + [c.id]
+            out.append(SimpleNamespace(miou=self.table.get(frozenset(ids), 0.0), per_image_iou={}))
+        return out
+
+
+def pool_of(*ids):
+    return [Sample(i, "c", image=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), int)) for i in ids]
+
+
+def test_stops_when_no_gain_and_keeps_best_prefix():
+    t = {frozenset("a"): 0.5, frozenset("b"): 0.4, frozenset("c"): 0.1,
+         frozenset("ab"): 0.6, frozenset("ac"): 0.55,
+         frozenset("abc"): 0.58}
+    sel = ForwardSelector(ScriptedOracle(t)).fit(pool_of("a", "b", "c"))
+    assert sel.selected_ids_ == ["a", "b"] and sel.score_ == 0.6
+    assert sel.stop_reason_ == "no_gain"
+    assert [h["accepted"] for h in sel.history_] == [True, True, False]
+
+
+def test_patience_lets_a_dip_through():
+    t = {frozenset("a"): 0.5, frozenset("b"): 0.1, frozenset("c"): 0.1, frozenset("d"): 0.1,
+         frozenset("ab"): 0.45, frozenset("ac"): 0.4, frozenset("ad"): 0.4,
+         frozenset("abc"): 0.7, frozenset("abd"): 0.3, frozenset("abcd"): 0.65}
+    pool = pool_of("a", "b", "c", "d")
+    assert ForwardSelector(ScriptedOracle(t), patience=1).fit(pool).selected_ids_ == ["a"]
+    sel = ForwardSelector(ScriptedOracle(t), patience=2).fit(pool)
+    assert sel.selected_ids_ == ["a", "b", "c"] and sel.score_ == 0.7
+
+
+def test_min_gain():
+    t = {frozenset("a"): 0.5, frozenset("ab"): 0.505, frozenset("b"): 0.2}
+    assert ForwardSelector(ScriptedOracle(t), min_gain=0.01).fit(pool_of("a", "b")).selected_ids_ == ["a"]
+    assert ForwardSelector(ScriptedOracle(t), min_gain=0.0).fit(pool_of("a", "b")).selected_ids_ == ["a", "b"]
+
+
+def test_memory_budget_and_max_prompts():
+    t = {frozenset(s): 0.1 * len(s) for s in ("a", "ab", "abc", "abcd")}
+    t.update({frozenset(x): 0.0 for x in ("b", "c", "d")})
+    pool = pool_of("a", "b", "c", "d")
+    sel = ForwardSelector(ScriptedOracle(t), memory_budget=250).fit(pool)  # 100 bytes per prompt
+    assert sel.selected_ids_ == ["a", "b"] and sel.stop_reason_ == "memory_budget"
+    assert sel.budget_bytes_ == 250 and sel.memory_bytes_ == 200
+    sel = ForwardSelector(ScriptedOracle(t), max_prompts=3).fit(pool)
+    assert len(sel.selected_) == 3 and sel.stop_reason_ == "max_prompts"
+    with pytest.raises(BudgetError, match="too small for one prompt"):
+        ForwardSelector(ScriptedOracle(t), memory_budget="50B").fit(pool)
+    with pytest.raises(BudgetError, match="cannot read memory budget"):
+        ForwardSelector(ScriptedOracle(t), memory_budget="a lot").fit(pool)
+
+
+def test_real_budget_too_small(car):
+    o = ValidationOracle(small_backend(), car.val)
+    with pytest.raises(BudgetError, match="too small for one prompt: backend 'features' needs about"):
+        ForwardSelector(o, memory_budget="1KiB").fit(car.pool)
+
+
+def test_resume_after_interruption(car, tmp_path):
+    full = ForwardSelector(ValidationOracle(small_backend(), car.val), max_prompts=3).fit(car.pool)
+
+    def interrupt(label, done, total):
+        if label == "step" and done == 2 and done < total:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "state.json"
+    with pytest.raises(KeyboardInterrupt):
+        ForwardSelector(ValidationOracle(small_backend(), car.val), max_prompts=3, checkpoint=ckpt,
+                        progress=interrupt).fit(car.pool)
+    saved = json.loads(ckpt.read_text())["data"]
+    assert len(saved["history"]) == 2
+    oracle = ValidationOracle(small_backend(), car.val)
+    resumed = ForwardSelector(oracle, max_prompts=3, checkpoint=ckpt).fit(car.pool)
+    assert resumed.resumed_steps_ == 2
+    assert resumed.selected_ids_ == full.selected_ids_
+    assert resumed.history_[:2] == saved["history"]
+    # a different configuration does not reuse the state
+    other = ForwardSelector(ValidationOracle(small_backend(), car.val), max_prompts=2, checkpoint=ckpt).fit(car.pool)
+    assert other.resumed_steps_ == 0
+
+
+def test_baselines(car):
+    o = ValidationOracle(small_backend(), car.val)
+    best = BestSingle(o).fit(car.pool)
+    singles = best.history_[0]["candidates"]
+    assert best.score_ == max(singles.values())
+    rnd = RandomK(o, k=2, seeds=4).fit(car.pool)
+    assert len(rnd.draws_) == 4 and all(len(d["selected"]) == 2 for d in rnd.draws_)
+    assert rnd.score_mean_ == pytest.approx(np.mean([d["val_miou"] for d in rnd.draws_]))
+    rs = RandomSearch(o, k=3, n_trials=10, seed=0).fit(car.pool)
+    assert len(rs.history_) == 10 and rs.score_ == max(h["val_miou"] for h in rs.history_)
+    wc = WorstCaseGreedy(o, max_prompts=3).fit(car.pool)
+    assert wc.selected_[0].id == best.selected_[0].id and 1 <= len(wc.selected_) <= 3
+    for s in (best, rnd, rs, wc):
+        assert s.oracle is o
+    with pytest.raises(ConfigError, match="also validation images"):
+        BestSingle(o).fit(car.val)

@@ -247,6 +247,7 @@ def predict(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo run goes."),
     max_prompts: int = typer.Option(4, "--max-prompts"),
+    category: Optional[List[str]] = typer.Option(None, "--category", help="Only these objects (default: all four)."),
 ) -> None:
     """The main job on the bundled DAVIS sample: forward selection vs baselines, with a report."""
     with user_errors():
@@ -256,7 +257,7 @@ def demo(
         from .task import Task
 
         root = bundled_sample_root()
-        ds = load_dataset(root)
+        ds = load_dataset(root, category=category or None)
         results = {}
         for cat in ds.categories:
             task = Task.from_dataset(ds, cat, seed=0)

@@ -263,8 +263,9 @@ class ValidationOracle:
         ordered = sorted(prompts, key=lambda p: p.key or "")
         return [self._predict_one(ordered, q) for q in self.samples]
 
-    def clear(self) -> None:
-        """Forget cached statistics and results (counters are kept)."""
-        self._pairs.clear()
+    def clear(self, pairs: bool = True) -> None:
+        """Forget memoised set results and, unless ``pairs=False``, cached pair statistics (counters are kept)."""
+        if pairs:
+            self._pairs.clear()
         self._results.clear()
         self._approx_results.clear()

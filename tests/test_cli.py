@@ -1,0 +1,140 @@
+"""The promptopt command end to end on the bundled sample (through Typer's runner, in-process)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from promptopt.cli import app
+from promptopt.data import load_dataset, split_samples
+
+runner = CliRunner()
+FAST = ["--option", "max_side=96", "--option", "pixels_per_prompt=256"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_evaluate_json(sample_root):
+    r = run("evaluate", "--data", sample_root, "--category", "dog", "--shots", "2", "--json", *FAST)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert 0.0 <= doc["val_miou"] <= 1.0 and 0.0 <= doc["test_miou"] <= 1.0
+    assert set(doc["split"]) == {"pool", "val", "test"}
+    assert len(doc["prompts"]) == 2 and set(doc["prompts"]) <= set(doc["split"]["pool"])
+    assert set(doc["val"]["per_image_iou"]) == set(doc["split"]["val"])
+    assert set(doc["test"]["per_image_iou"]) == set(doc["split"]["test"])
+
+
+def test_evaluate_named_prompts_table(sample_root):
+    pool = split_samples(load_dataset(sample_root, category="dog").samples(), seed=0).pool
+    r = run("evaluate", "--data", sample_root, "--category", "dog", "--prompts", f"{pool[0].id},{pool[1].id}", *FAST)
+    assert r.exit_code == 0, r.output
+    assert "val" in r.stdout and "test" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "nope", "--shots", "1"], "unknown backend 'nope'"),
+    (["--prompts", "99999", ], "prompt id '99999' is not in the prompt pool"),
+    (["--shots", "1", "--category", "zebra"], "unknown category 'zebra'"),
+    (["--shots", "1", "--num-classes", "1"], "num_classes must be at least 2"),
+    ([], "give exactly one of --prompts"),
+])
+def test_evaluate_errors(sample_root, args, message):
+    base = ["evaluate", "--data", sample_root]
+    if "--category" not in args:
+        base += ["--category", "dog"]
+    r = run(*base, *args)
+    assert r.exit_code == 2
+    assert message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_missing_data_dir(tmp_path):
+    r = run("evaluate", "--data", tmp_path / "absent", "--shots", "1")
+    assert r.exit_code == 2 and "data folder not found" in r.output
+
+
+def test_mask_size_error_via_cli(tmp_path, sample_root):
+    root = tmp_path / "d"
+    shutil.copytree(sample_root / "dog", root / "dog")
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "dog" / "masks" / "00000.png")
+    r = run("evaluate", "--data", root, "--shots", "1")
+    assert r.exit_code == 2 and "00000.png: mask size 5x5 does not match" in r.output
+
+
+def test_select_predict_roundtrip(sample_root, tmp_path):
+    out = tmp_path / "run"
+    r = run("select", "--data", sample_root, "--category", "camel", "--strategy", "forward", "--max-prompts", "2",
+            "--random-seeds", "3", "--memory-budget", "2GiB", "--out", out, *FAST)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "result.json").read_text())
+    for key in ("strategy", "backend", "category", "selected", "val_miou", "test_miou", "baselines", "split",
+                "oracle", "memory", "wall_s"):
+        assert key in res
+    assert res["strategy"] == "forward" and res["backend"] == "features" and res["category"] == "camel"
+    assert 1 <= len(res["selected"]) <= 2
+    assert set(res["baselines"]) == {"random", "best-single", "random-search", "worst-case"}
+    assert "test_miou_mean" in res["baselines"]["random"] and "test_miou_std" in res["baselines"]["random"]
+    assert res["oracle"]["calls"] > 0 and res["oracle"]["forwards"] > 0
+    assert res["memory"]["budget_bytes"] == 2 * 1024**3 and res["memory"]["estimated_peak_bytes"] > 0
+    assert set(res["split"]) == {"pool", "val", "test"}
+    for f in ("prompt.json", "report.md", "report.html", "steps.png", "strategies.png", "prompts.png"):
+        assert (out / f).is_file(), f
+    assert "![" in (out / "report.md").read_text()
+    # predict with the saved prompt, from its own copies of the prompt files
+    images = tmp_path / "new"
+    images.mkdir()
+    test_ids = res["split"]["test"][:2]
+    for i in test_ids:
+        shutil.copy(sample_root / "camel" / "images" / f"{i}.jpg", images / f"{i}.jpg")
+    r = run("predict", "--prompt", out / "prompt.json", "--images", images, "--out", tmp_path / "masks")
+    assert r.exit_code == 0, r.output
+    for i in test_ids:
+        m = np.asarray(Image.open(tmp_path / "masks" / f"{i}.png"))
+        assert m.shape == (180, 320) and set(np.unique(m)) <= {0, 255}
+    # rerunning the finished command resumes instead of recomputing
+    r = run("select", "--data", sample_root, "--category", "camel", "--strategy", "forward", "--max-prompts", "2",
+            "--random-seeds", "3", "--memory-budget", "2GiB", "--out", out, *FAST)
+    assert r.exit_code == 0
+    assert json.loads((out / "result.json").read_text())["selected"] == res["selected"]
+
+
+def test_select_budget_too_small(sample_root, tmp_path):
+    r = run("select", "--data", sample_root, "--category", "dog", "--memory-budget", "10KB", "--out", tmp_path / "r", *FAST)
+    assert r.exit_code == 2 and "too small for one prompt" in r.output
+
+
+def test_select_all_categories_writes_summary(sample_root, tmp_path):
+    root = tmp_path / "two"
+    for c in ("blackswan", "dog"):
+        shutil.copytree(sample_root / c, root / c)
+    r = run("select", "--data", root, "--strategy", "best-single", "--no-baselines", "--out", tmp_path / "r", *FAST)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "r" / "blackswan" / "result.json").is_file()
+    assert (tmp_path / "r" / "dog" / "result.json").is_file()
+    assert "| blackswan |" in (tmp_path / "r" / "summary.md").read_text()
+
+
+def test_predict_unreadable_image(sample_root, tmp_path):
+    out = tmp_path / "run"
+    r = run("select", "--data", sample_root, "--category", "dog", "--strategy", "best-single", "--no-baselines",
+            "--out", out, *FAST)
+    assert r.exit_code == 0, r.output
+    bad = tmp_path / "imgs"
+    bad.mkdir()
+    (bad / "broken.jpg").write_bytes(b"not a jpeg")
+    r = run("predict", "--prompt", out, "--images", bad, "--out", tmp_path / "m")
+    assert r.exit_code == 2 and "broken.jpg: unreadable image" in r.output
+
+
+def test_demo_one_object(tmp_path):
+    r = run("demo", "--out", tmp_path / "demo", "--max-prompts", "2", "--category", "dog")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "demo" / "dog" / "report.md").is_file()
+    assert (tmp_path / "demo" / "summary.md").is_file()
+    assert "summary:" in r.stdout

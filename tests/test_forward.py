@@ -163,3 +163,25 @@ def test_baselines(car):
         assert s.oracle is o
     with pytest.raises(ConfigError, match="also validation images"):
         BestSingle(o).fit(car.val)
+
+
+def test_shortlist_mode_on_model_combining_backend(car):
+    """Model-combining backend: exact greedy re-scores all candidates; shortlist=M only the top M exactly."""
+    from promptopt.backends.testing import JointFeaturesBackend
+
+    make = lambda: JointFeaturesBackend(max_side=96, pixels_per_prompt=256)  # noqa: E731
+    exact_oracle = ValidationOracle(make(), car.val)
+    assert not exact_oracle.uses_pair_cache
+    exact = ForwardSelector(exact_oracle, max_prompts=3, patience=3).fit(car.pool)
+    n, v, steps = len(car.pool), len(car.val), len(exact.history_)
+    assert exact_oracle.forwards == v * sum((n - s) * (s + 1) for s in range(steps))
+    short_oracle = ValidationOracle(make(), car.val)
+    short = ForwardSelector(short_oracle, max_prompts=3, patience=3, shortlist=2).fit(car.pool)
+    for h in short.history_:
+        exact_scored = [c for c, s in h["candidates"].items() if s == s]  # not NaN
+        assert len(exact_scored) == min(2, len(h["candidates"]))
+    # pair statistics once per (candidate, image) + exact sets of the top 2 per step
+    assert short_oracle.forwards == v * n + v * sum(2 * (s + 1) for s in range(len(short.history_)))
+    assert short_oracle.forwards < exact_oracle.forwards
+    # the shortlist's choice is scored exactly: its val score is a real joint-prediction score
+    assert short.score_ == pytest.approx(ValidationOracle(make(), car.val).score(short.selected_).miou, abs=1e-9)

@@ -353,6 +353,9 @@ class FeaturesBackend(Backend):
         return {"m": m, "num": a["num"] * sa + b["num"] * sb}
 
     def finalize(self, stats: Stats, query: Sample) -> torch.Tensor:
+        return self._kernel_probs(stats, query)
+
+    def _kernel_probs(self, stats: Stats, query: Sample) -> torch.Tensor:
         num = stats["num"]
         total = num.sum(0, keepdim=True)
         probs = torch.where(total > 0, num / total.clamp_min(1e-30), torch.full_like(num, 1.0 / num.shape[0]))
@@ -369,7 +372,7 @@ class FeaturesBackend(Backend):
         f_c = torch.cat([p[0] for p in parts])
         y_c = torch.cat([p[1] for p in parts])
         bias = torch.cat([p[2] for p in parts])
-        return [self.finalize(self._head(self.features_of(q), f_c, y_c, bias, k), q) for q in queries]
+        return [self._kernel_probs(self._head(self.features_of(q), f_c, y_c, bias, k), q) for q in queries]
 
     def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None) -> int:
         """Analytic estimate (CPU or GPU): features of one query and one prompt being processed, the

@@ -143,8 +143,7 @@ def run_selection(
         "oracle": {"calls": val_oracle.calls, "forwards": val_oracle.forwards, "strategy_calls": main_calls,
                    "val": val_oracle.stats, "test": test_oracle.stats if test_oracle else None},
         "memory": {"budget_bytes": getattr(main, "budget_bytes_", None), "estimated_peak_bytes": int(est_peak),
-                   "estimate_kind": "analytic estimate" if getattr(backend, "device", None) is None
-                   or str(getattr(backend, "device", "cpu")).startswith("cpu") else "profiled"},
+                   "estimate_kind": backend.memory_kind},
         "wall_s": round(time.perf_counter() - t0, 3),
         "command": command,
     }

@@ -120,6 +120,11 @@ class Backend(ABC):
     def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None) -> int:
         """Estimated peak device memory (bytes) of one prediction with ``num_prompts`` prompts."""
 
+    @property
+    def memory_kind(self) -> str:
+        """How :meth:`memory_bytes` is obtained: "analytic estimate" unless a backend profiles ("profiled")."""
+        return "analytic estimate"
+
     def config(self) -> dict[str, Any]:
         """JSON-able description from which :func:`create_backend` rebuilds this backend."""
         return {"name": self.name, "checkpoint": None, "options": {}}

@@ -84,8 +84,13 @@ class ForwardSelector(PromptStrategy):
         """Val mIoU of selected + [c] for each candidate (exact, or shortlisted)."""
         oracle = self.oracle
         if self.shortlist is None or oracle.uses_pair_cache or len(candidates) <= self.shortlist:
-            results = oracle.score_additions(selected, candidates)
-            return {c.id: r.miou for c, r in zip(candidates, results)}
+            scores: dict[str, float] = {}
+            chunk = max(1, len(candidates) // 8)  # a few chunks, so progress bars move within a step
+            for i in range(0, len(candidates), chunk):
+                part = candidates[i:i + chunk]
+                scores.update({c.id: r.miou for c, r in zip(part, oracle.score_additions(selected, part))})
+                self._tick("candidates", min(i + chunk, len(candidates)), len(candidates))
+            return scores
         approx = oracle.score_additions(selected, candidates, approximate=True)
         ranked = sorted(zip(candidates, approx), key=lambda cr: -comparable(cr[1].miou))
         top = [c for c, _ in ranked[: self.shortlist]]

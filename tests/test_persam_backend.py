@@ -296,3 +296,30 @@ def test_cli_evaluate_with_persam(sam_dir, sample_root):
     r = CliRunner().invoke(app, ["evaluate", "--data", str(sample_root), "--category", "dog", "--backend", "persam",
                                  "--checkpoint", "/no/such/sam", "--shots", "1"])
     assert r.exit_code == 2 and "SAM checkpoint folder not found" in r.output
+
+
+def test_cli_select_then_predict_reloads_persam_f_weights(sam_dir, sample_root, tmp_path):
+    from PIL import Image
+
+    from promptopt.artifacts import load_prompt
+    from promptopt.cli import app
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["select", "--data", str(sample_root), "--category", "dog", "--backend", "persam",
+                                 "--checkpoint", str(sam_dir), "--strategy", "best-single", "--no-baselines",
+                                 "--pool", "2", "--val", "2", "--test", "1", "--out", str(out),
+                                 "--option", "variant=persam-f", "--option", "train_steps=20"])
+    assert r.exit_code == 0, r.output
+    art = load_prompt(out / "prompt.json")
+    weights = art.backend["options"]["mask_weights"]
+    assert f"dog/{art.ids[0]}#1" in weights and len(weights[f"dog/{art.ids[0]}#1"]) == 3
+    be = art.build_backend()
+    assert be.mask_weights == weights
+    images = tmp_path / "new"
+    images.mkdir()
+    src = sorted((sample_root / "dog" / "images").iterdir())[-1]
+    (images / src.name).write_bytes(src.read_bytes())
+    r = CliRunner().invoke(app, ["predict", "--prompt", str(out), "--images", str(images), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    m = np.asarray(Image.open(tmp_path / "m" / f"{src.stem}.png"))
+    assert m.shape == Image.open(src).size[::-1] and set(np.unique(m)) <= {0, 255}

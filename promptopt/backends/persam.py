@@ -37,7 +37,9 @@ cosine schedule, SAM frozen (:func:`fit_mask_weights`). SAM's output does not
 depend on the weights, so the decoder runs once and only the mixing is
 optimised: the same optimisation as re-running the frozen decoder every step,
 at a fraction of the cost. It is trained at the decoder's low resolution
-(SAM's 256×256 mask grid, cropped to the image). The learned weights live in
+(SAM's 256×256 mask grid, cropped to the image); its positive point comes
+from the mean target, where the reference code uses (mean + max)/2 of the
+reference's features. The learned weights live in
 ``mask_weights`` and in :meth:`PerSAMBackend.config`, so a saved prompt
 rebuilds the same backend without retraining.
 

@@ -178,7 +178,8 @@ class SegGPTBackend(Backend):
                 module.drop_prob = 0.0
         if self.checkpointing:
             for layer in self.model.model.encoder.layers:
-                layer.forward = functools.partial(_checkpointed, layer.forward)
+                if not isinstance(layer.forward, functools.partial):  # a model shared by two backends: wrap once
+                    layer.forward = functools.partial(_checkpointed, layer.forward)
 
         cfg = self.model.config
         total = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size, cfg.image_size)

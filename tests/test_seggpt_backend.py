@@ -263,3 +263,15 @@ def test_cli_evaluate(checkpoint):
     r = CliRunner().invoke(app, ["evaluate", "--data", str(bundled_sample_root()), "--category", "dog",
                                  "--backend", "seggpt", "--shots", "1"])
     assert r.exit_code == 2 and "needs a checkpoint" in r.output
+
+
+def test_bfloat16_and_fp16_fallback(checkpoint):
+    p, q = make_sample(50), make_sample(51)
+    ref = SegGPTBackend.from_pretrained(checkpoint).predict([p], [q], 2)[0]
+    bf = SegGPTBackend.from_pretrained(checkpoint, dtype="bfloat16")
+    assert next(bf.model.parameters()).dtype == torch.bfloat16 and bf.config()["options"]["dtype"] == "bfloat16"
+    out = bf.predict([p], [q], 2)[0]
+    assert out.dtype == torch.float32 and (out.argmax(0) == ref.argmax(0)).float().mean() > 0.8
+    with pytest.warns(UserWarning, match="float16 is not supported on CPU"):
+        half = SegGPTBackend.from_pretrained(checkpoint, dtype="float16")
+    assert half.dtype == torch.float32

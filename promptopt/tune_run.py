@@ -211,6 +211,11 @@ def write_tuning_report(out: Path, result: dict[str, Any], tuner: ContextTuner, 
         "",
         markdown_table(["prompt", "val mIoU", "test mIoU"], rows),
         "",
+        "The start row is the initial context as tensors (what tuning starts from and is compared with). It can "
+        "differ from the examples used as plain prompts: the parametrisation softens masks slightly, and a backend "
+        "may treat tensor prompts differently (`features` samples context pixels with a seed taken from the "
+        "prompt's id, which tensor prompts lack).",
+        "",
     ]
     for caption, fname in figs:
         md += [f"### {caption}", "", f"![{caption}]({fname})", ""]

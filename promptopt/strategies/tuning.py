@@ -103,13 +103,18 @@ def frozen(backend: Backend) -> Iterator[list[torch.nn.Parameter]]:
 
 # --- scoring and files ---------------------------------------------------------------------------------
 def score_contexts(backend: Backend, contexts: Sequence[Context], samples: Sequence[Sample],
-                   num_classes: int) -> SegmentationScore:
-    """Dataset-level mIoU of a set of context prompts on labelled samples (no cache: contexts change)."""
+                   num_classes: int, chunk: int = 8) -> SegmentationScore:
+    """Dataset-level mIoU of a set of context prompts on labelled samples (no cache: contexts change).
+
+    Queries go to the backend ``chunk`` at a time, so a backend can prepare the contexts once per chunk."""
     acc = IoUAccumulator(num_classes, IGNORE_INDEX)
+    samples = list(samples)
     with torch.no_grad():
-        for q in samples:
-            probs = backend.predict(list(contexts), [q], num_classes)[0]
-            acc.add_confusion(confusion_matrix(prediction_to_labels(probs), q.mask, num_classes, IGNORE_INDEX), q.id)
+        for start in range(0, len(samples), chunk):
+            part = samples[start:start + chunk]
+            for q, probs in zip(part, backend.predict(list(contexts), part, num_classes)):
+                acc.add_confusion(confusion_matrix(prediction_to_labels(probs), q.mask, num_classes, IGNORE_INDEX),
+                                  q.id)
     return acc.result()
 
 

@@ -224,7 +224,12 @@ class ContextTuner:
     ``history_`` (one dict per evaluation: step, mean training loss since the
     previous evaluation, val mIoU, learning rate), ``losses_`` (training loss
     per step), ``best_step_``, ``steps_run_``, ``stop_reason_``,
-    ``resumed_step_``, ``initial_contexts_``, ``memory_bytes_``, ``seconds_per_step_``.
+    ``resumed_step_``, ``initial_contexts_``, ``memory_bytes_``, ``seconds_per_step_`` (mean time of
+    a tuning step — loss, backward, update — without the validation evaluations).
+
+    Model weights are found as the ``torch.nn.Module`` attributes of the backend
+    (:func:`model_modules`); a backend can give its own tuning memory estimate as
+    ``tuning_memory_bytes(num_contexts, image_size, batch_size)``.
     """
 
     name = "tuning"
@@ -473,8 +478,9 @@ class ContextTuner:
                 stop = state["stop_reason"] or None
                 initial = float(state["initial_score"])
                 elapsed = float(state.get("elapsed_s", 0.0))
+                train_s = float(state.get("train_s", 0.0))
             else:
-                step, losses, stale, stop, elapsed = 0, [], 0, None, 0.0
+                step, losses, stale, stop, elapsed, train_s = 0, [], 0, None, 0.0, 0.0
                 initial = score_contexts(self.backend, self.initial_contexts_, val_samples, c).miou
                 history = [{"step": 0, "loss": None, "val_miou": initial, "lr": 0.0}]
                 best_score, best_step = initial, 0
@@ -483,8 +489,8 @@ class ContextTuner:
             self._tick(step)
             since_eval: list[float] = []
             t_start = time.perf_counter()
-            steps_here = 0
             while stop is None and step < self.steps:
+                t_step = time.perf_counter()
                 batch = self._batch(train, step)
                 opt.zero_grad(set_to_none=True)
                 contexts = [p.context() for p in params]
@@ -499,8 +505,8 @@ class ContextTuner:
                 opt.step()
                 sched.step()
                 step += 1
-                steps_here += 1
                 losses.append(float(loss.detach()))
+                train_s += time.perf_counter() - t_step
                 since_eval.append(losses[-1])
                 if step % self.eval_every == 0 or step == self.steps:
                     with torch.no_grad():
@@ -524,7 +530,7 @@ class ContextTuner:
                         "losses": losses, "best_score": best_score, "best_step": best_step, "stale": stale,
                         "best_images": [b.image for b in best], "best_masks": [b.mask for b in best],
                         "stop_reason": stop or "", "initial_score": initial,
-                        "elapsed_s": elapsed + time.perf_counter() - t_start,
+                        "elapsed_s": elapsed + time.perf_counter() - t_start, "train_s": train_s,
                     })
                 self._tick(step)
             run_s = time.perf_counter() - t_start
@@ -539,7 +545,7 @@ class ContextTuner:
         self.best_step_ = best_step
         self.steps_run_ = step
         self.stop_reason_ = stop or "steps"
-        self.seconds_per_step_ = run_s / steps_here if steps_here else None
+        self.seconds_per_step_ = train_s / step if step else None
         self.elapsed_s_ = elapsed + run_s
         return self
 

@@ -466,6 +466,7 @@ class ContextTuner:
         self.discarded_checkpoint_ = False
         state = self._load_state(fp)
         with frozen(self.backend) as model_params:
+            grads_before = [p.grad for p in model_params]  # whatever the caller left there must stay untouched
             if state is not None:
                 with torch.no_grad():
                     for t, saved in zip(learnable, state["params"]):
@@ -499,7 +500,7 @@ class ContextTuner:
                     raise ConfigError(f"backend {self.backend.name!r}: its tuning loss does not depend on the "
                                       "context tensors (not differentiable in the prompt)")
                 loss.backward()
-                leaked_grads = [p for p in model_params if p.grad is not None]
+                leaked_grads = [p for p, g in zip(model_params, grads_before) if p.grad is not g]
                 if leaked_grads:
                     raise RuntimeError(f"context tuning: {len(leaked_grads)} model parameter(s) received gradients")
                 opt.step()

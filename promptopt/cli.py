@@ -276,6 +276,57 @@ def demo(
 
 
 @app.command()
+def search(
+    data: Path = DataOpt,
+    out: Path = typer.Option(..., "--out", help="Run folder; the study is a journal file in it unless --storage."),
+    category: Optional[str] = CategoryOpt,
+    backend: str = BackendOpt,
+    checkpoint: Optional[str] = CheckpointOpt,
+    strategies: str = typer.Option("forward,random-search", "--strategies",
+                                   help="Comma-separated strategies to search over (forward, random-search, retrieval, tuned)."),
+    n_trials: int = typer.Option(20, "--n-trials", help="Finished trials the study should hold (rerun with more to extend)."),
+    max_k: int = typer.Option(8, "--max-k", help="Largest number of prompts a trial may use."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (sqlite:///, postgresql://) or journal file."),
+    study_name: Optional[str] = typer.Option(None, "--study-name", help="Study name (default promptopt-<category>)."),
+    seed: Optional[int] = typer.Option(0, "--seed", help="Sampler seed (give each parallel worker its own)."),
+    fixed_backend: bool = typer.Option(False, "--fixed-backend", help="Do not search the backend's options."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="e.g. 8GiB; trials that do not fit are pruned."),
+    split_seed: int = SeedOpt,
+    pool: str = PoolOpt,
+    val: str = ValOpt,
+    test: Optional[str] = TestOpt,
+    num_classes: Optional[int] = ClassesOpt,
+    mask_mode: str = MaskModeOpt,
+    option: Optional[List[str]] = OptionOpt,
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Optuna search over strategies and their knobs; best prompt, val/test mIoU and plots in RUN_DIR."""
+    with user_errors():
+        from .search import run_search
+        from .task import Task
+
+        cats = _select_categories(data, category, mask_mode, num_classes)
+        command = "promptopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        opts = _options(option)
+        if device:
+            opts["device"] = device
+        for cat in cats:
+            task = Task.from_folder(data, cat, mask_mode=mask_mode, num_classes=num_classes, pool=_size(pool),
+                                    val=_size(val), test=_size(test), seed=split_seed)
+            run_dir = out if len(cats) == 1 else out / cat
+            with progress_bars() as prog:
+                res = run_search(task, run_dir, command=command, backend=backend, checkpoint=checkpoint,
+                                 backend_options=opts, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+                                 n_trials=n_trials, max_k=max_k, storage=storage,
+                                 study_name=study_name if len(cats) == 1 or not study_name else f"{study_name}-{cat}",
+                                 seed=seed, tune_backend=not fixed_backend, memory_budget=memory_budget, progress=prog)
+            tm = res["test_miou"]
+            out_console.print(f"{cat}: best trial {res['best_trial']} ({res['best_params'].get('strategy')}) val mIoU "
+                              f"{res['val_miou']:.4f}  test mIoU {'–' if tm is None else f'{tm:.4f}'}  "
+                              f"({res['trials']['total']} trials)  report: {run_dir / 'report.md'}")
+
+
+@app.command()
 def tune(
     data: Path = DataOpt,
     out: Path = typer.Option(..., "--out", help="Run folder (created; rerun the same command to resume)."),

@@ -245,3 +245,13 @@ def test_cli_tune_then_predict(sample_root, tmp_path):
     r = runner.invoke(app, ["tune", "--data", str(sample_root), "--category", "camel", "--shots", "1", "--steps", "2",
                             "--memory-budget", "1KiB", "--out", str(tmp_path / "y"), *opts])
     assert r.exit_code == 2 and "too small for context tuning" in r.output
+
+
+def test_search_strategy_tuned(dog_task, tmp_path):
+    from promptopt.search import run_search, search_strategies
+
+    assert "tuned" in search_strategies()
+    res = run_search(dog_task, tmp_path / "search", backend="features", backend_options=FAST, strategies=["tuned"],
+                     n_trials=1, tune_backend=False)
+    assert res["val_miou"] is not None and res["test_miou"] is not None
+    assert load_prompt(tmp_path / "search" / "best" / "prompt.json").kind == "tuned"

@@ -63,6 +63,7 @@ _DOG_SCALE = 4.0
 _ST_SCALE = 2.6
 _ANISO_SCALE = 0.23
 _POS_SCALE = 0.29  # std of a uniform variable on [0, 1]
+_EXP_FLOOR = -87.0  # exp(-87) ≈ 1.6e-38, the smallest normal float32 order of magnitude
 
 
 def _gaussian_kernel(sigma: float, device: torch.device) -> torch.Tensor:
@@ -335,10 +336,12 @@ class FeaturesBackend(Backend):
         for start in range(0, qf.shape[0], self.chunk_pixels):
             logits = torch.addmm(bias, qf[start:start + self.chunk_pixels], f_c.t(), alpha=1.0 / self.temperature)
             m = logits.amax(1, keepdim=True)
+            # exp(x) for x < -87 is below float32's smallest normal number (it would add < 1e-37 to a sum whose
+            # largest term is 1); clamping there keeps torch on its fast vectorised exp path, ~20x faster on CPU.
             if logits.requires_grad:
-                e = torch.exp(logits - m.detach())
+                e = torch.exp((logits - m.detach()).clamp_min(_EXP_FLOOR))
             else:  # in place: this loop dominates the cost of the backend
-                e = logits.sub_(m).exp_()
+                e = logits.sub_(m).clamp_min_(_EXP_FLOOR).exp_()
             ms.append(m.squeeze(1).detach())  # a stabiliser: the prediction does not depend on it
             nums.append(e @ y_c)
         m = torch.cat(ms).view(h, w)

@@ -18,7 +18,7 @@ approximation whose loss is measured in benchmarks/bench_forward.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..artifacts import RunState, fingerprint
 from ..data import Sample
@@ -50,8 +50,11 @@ class ForwardSelector(PromptStrategy):
         shortlist: int | None = None,
         checkpoint: str | Path | None = None,
         progress: ProgressFn | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         super().__init__(oracle, progress)
+        #: called with each finished step's history entry (e.g. to report intermediate values to Optuna)
+        self.on_step = on_step
         if max_prompts is not None and max_prompts < 1:
             raise ConfigError(f"max_prompts must be at least 1, got {max_prompts}")
         if patience < 1:
@@ -152,6 +155,8 @@ class ForwardSelector(PromptStrategy):
             if state:
                 state.save({"chosen": [c.id for c in chosen], "history": history, "best_len": best_len,
                             "best_score": best_score, "stale": stale, "stop_reason": stop})
+            if self.on_step:
+                self.on_step(history[-1])
         self._tick("step", limit, limit)
         self.selected_ = chosen[:best_len]
         self.score_ = float(best_score)

@@ -567,5 +567,34 @@ def context_to_sample(context: Context, id: str) -> Sample:
     return Sample(id, "context", image=image, mask=labels)
 
 
+def _search_tuned(trial, ctx):
+    """Optuna search strategy "tuned": best single pool example, then context tuning with searched knobs."""
+    from ..artifacts import save_prompt
+    from ..search import TrialOutcome
+    from .baselines import BestSingle
+
+    steps = trial.suggest_categorical("tuned.steps", [10, 30])
+    lr = trial.suggest_float("tuned.lr", 0.01, 0.2, log=True)
+    tune = trial.suggest_categorical("tuned.tune", list(TUNE_TARGETS))
+    init = BestSingle(ctx.oracle).fit(ctx.task.pool).selected_
+    train = [s for s in ctx.task.pool if s.id != init[0].id] or list(ctx.task.pool)
+    tuner = ContextTuner(ctx.backend, init=init, steps=steps, lr=lr, tune=tune, warmup=max(1, steps // 10),
+                         eval_every=max(1, steps // 3), patience=None,
+                         memory_budget=ctx.extras.get("memory_budget"), progress=ctx.progress).fit(train, ctx.oracle)
+    save_contexts(ctx.trial_dir / "context.safetensors", tuner.contexts_)
+    path = save_prompt(ctx.trial_dir, ctx.backend.config(), init, ctx.task.num_classes, ctx.task.category,
+                       kind="tuned", context_file="context.safetensors",
+                       extra={"strategy": "tuned", "val_miou": tuner.score_, "tuning": tuner.summary()})
+    return TrialOutcome(tuner.score_, path, [s.id for s in init],
+                        {"initial_val_miou": tuner.initial_score_, "best_step": tuner.best_step_})
+
+
+def register_search() -> None:
+    """Make "tuned" available to :mod:`promptopt.search` (called by its loader of optional strategies)."""
+    from ..search import register_search_strategy
+
+    register_search_strategy("tuned", _search_tuned)
+
+
 __all__ = ["ContextTuner", "score_contexts", "save_contexts", "load_contexts", "frozen", "model_modules",
            "model_parameters", "context_to_sample", "one_hot_mask", "TUNE_TARGETS"]

@@ -1,0 +1,696 @@
+"""PerSAM and PerSAM-F: Segment Anything personalised by reference (image, mask) pairs.
+
+Why it exists: SAM segments whatever it is pointed at; PerSAM (Zhang et al.,
+"Personalize Segment Anything Model with One Shot", 2023) decides *where* to
+point from a reference mask, with no training, and PerSAM-F adds two learnable
+weights. Both run on transformers' ``SamModel`` (``facebook/sam-vit-base``,
+``-large``, ``-huge``), whose mask decoder accepts PerSAM's two extra inputs
+(``attention_similarity`` and ``target_embedding``).
+
+Shaped like segment-anything's predictor: :meth:`PerSAMBackend.prepare` runs
+the heavy image encoder once per image (``get_image_embeddings``) and keeps the
+embedding; every later prediction only runs the light prompt encoder and mask
+decoder. ``encoder_calls`` counts the encoder runs.
+
+The published algorithm, step by step (each step is a function below):
+
+1. :func:`target_embedding` — mean of the reference's image features inside
+   its mask, downsampled to the feature grid (:func:`mask_to_grid`); the
+   cosine steps use it L2-normalised, target-semantic prompting uses the raw
+   mean, as in the reference code.
+2. :func:`location_confidence` — cosine similarity of the target with every
+   location of the query's features.
+3. :func:`select_points` — one positive point at the maximum, one negative
+   point at the minimum (in the resized-input frame SAM's prompt encoder uses).
+4. :func:`attention_bias` — target-guided attention: the standardised
+   similarity map, squashed by a sigmoid, added to the token-to-image
+   attention logits (``attention_similarity``); target-semantic prompting adds
+   the raw target embedding to the decoder tokens (``target_embedding``).
+5. Cascaded refinement (:meth:`PerSAMBackend.segment`): the best mask's logits
+   go back in as the mask input, then also its bounding box
+   (:func:`mask_to_box`); the best-scoring of the three outputs is kept each time.
+
+PerSAM-F (``variant="persam-f"``) instead mixes SAM's three multi-mask outputs
+with weights ``(1 - w1 - w2, w1, w2)``, trained on each reference (its own
+positive point, its own mask) with dice + focal loss, AdamW (lr 1e-3) and a
+cosine schedule, SAM frozen (:func:`fit_mask_weights`). SAM's output does not
+depend on the weights, so the decoder runs once and only the mixing is
+optimised: the same optimisation as re-running the frozen decoder every step,
+at a fraction of the cost. It is trained at the decoder's low resolution
+(SAM's 256×256 mask grid, cropped to the image); its positive point comes
+from the mean target, where the reference code uses (mean + max)/2 of the
+reference's features. The learned weights live in
+``mask_weights`` and in :meth:`PerSAMBackend.config`, so a saved prompt
+rebuilds the same backend without retraining.
+
+Several classes: one target per foreground class present in a reference; each
+class gets its own PerSAM run, giving a foreground probability ``p_c``. The
+class map is the per-pixel argmax over ``(1 - max_c p_c, p_1, …, p_K)``
+(normalised to sum to 1): a pixel is background unless its best class has
+probability above 1/2 of being that object. For binary tasks this is SAM's
+usual threshold at logit 0. ``instances > 1`` segments several instances
+(a known user request): after each mask, the similarity map is suppressed
+inside the segmented region and the next maximum becomes a new positive point,
+while it stays above ``instance_threshold`` times the first maximum; the
+instances' probabilities are merged by a per-pixel max.
+
+Several references, two ways (``kshot``):
+
+``"output"`` (default; ``combines = "output"``)
+    Each reference runs PerSAM on its own and the prediction is the average of
+    their foreground probabilities (statistics: per-class probability sum and
+    count). The oracle caches every (reference, query) pair, so greedy
+    selection costs no decoder run per step. This is the output-combination
+    variant, not the paper's.
+``"mean"`` / ``"max"`` (``combines = "model"``)
+    The paper's k-shot form: one PerSAM run with the mean of the references'
+    targets (``"max"``: location prior from the per-location max of their
+    similarity maps, semantic prompt still the mean). PerSAM-F then uses the
+    mean of the references' learned weights.
+
+Images are preprocessed by the checkpoint's ``SamProcessor``; a folder without
+one gets SAM's preprocessing built from the model config: longest side resized
+to the encoder's input size (1024 for the released models), ImageNet
+normalisation, zero padding to a square. Outputs are per-query (C, H, W)
+probabilities at the query's resolution.
+
+Honest limits: PerSAM is not differentiable with respect to the prompt (points
+are an argmax), so context tuning does not apply. :meth:`memory_bytes` is an
+analytic estimate. Without real SAM weights (none can be downloaded here) the
+tests only prove the mechanics, on tiny random-init models.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import IGNORE_INDEX, Sample
+from ..errors import CheckpointError, ConfigError
+from .base import Backend, Context, Prompt, Stats, infer_num_classes
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+VARIANTS = ("persam", "persam-f")
+KSHOT_MODES = ("output", "mean", "max")
+
+
+# --- the algorithm, one small function per step ----------------------------------------------------------
+
+def mask_to_grid(mask: torch.Tensor, reshaped: tuple[int, int], input_size: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(H, W) {0,1} mask → (h, w) fraction of each feature cell it covers.
+
+    The mask goes through the image's own geometry: resized to the resized
+    input (``reshaped``), zero-padded to the square ``input_size``, then
+    area-averaged onto the encoder's feature grid.
+    """
+    m = F.interpolate(mask.float()[None, None], size=reshaped, mode="bilinear", align_corners=False)
+    m = F.pad(m, (0, input_size - reshaped[1], 0, input_size - reshaped[0]))
+    return F.interpolate(m, size=grid, mode="area")[0, 0]
+
+
+def target_embedding(features: torch.Tensor, cover: torch.Tensor, min_cover: float = 0.5) -> torch.Tensor | None:
+    """Mean (D,) of ``features`` (D, h, w) over the cells the mask covers (None if it covers none).
+
+    A cell counts when at least ``min_cover`` of it is inside the mask; an
+    object smaller than that falls back to every cell it touches.
+    """
+    inside = cover >= min_cover
+    if not bool(inside.any()):
+        inside = cover > 0
+    if not bool(inside.any()):
+        return None
+    return features.float()[:, inside].mean(1)
+
+
+def normalise(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return v / v.norm(dim=dim, keepdim=True).clamp_min(1e-12)
+
+
+def combine_targets(targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """k-shot target: the mean of the references' (raw) target embeddings."""
+    return torch.stack([t.float() for t in targets]).mean(0)
+
+
+def location_confidence(target: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """(h, w) cosine similarity between a (D,) target and every location of (D, h, w) features."""
+    f = normalise(features.float(), dim=0)
+    return torch.einsum("d,dhw->hw", normalise(target.float()), f)
+
+
+def upsample_similarity(sim: torch.Tensor, input_size: int, reshaped: tuple[int, int]) -> torch.Tensor:
+    """(h, w) grid similarity → (hr, wr) map over the resized image (padding cropped away)."""
+    up = F.interpolate(sim[None, None].float(), size=(input_size, input_size), mode="bilinear", align_corners=False)
+    return up[0, 0, : reshaped[0], : reshaped[1]]
+
+
+def select_points(sim: torch.Tensor) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(positive (x, y), negative (x, y)): the locations of the maximum and minimum of an (h, w) map."""
+    w = sim.shape[1]
+    flat = sim.flatten()
+    hi, lo = int(flat.argmax()), int(flat.argmin())
+    return (float(hi % w), float(hi // w)), (float(lo % w), float(lo // w))
+
+
+def attention_bias(sim: torch.Tensor, valid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Target-guided attention: sigmoid of the standardised (h, w) grid similarity, as (1, 1, 1, h*w).
+
+    It is added to the logits of the decoder's token-to-image attention. Mean
+    and standard deviation are taken over ``valid`` (the cells of the image,
+    not the padding). The reference code resizes the map of the unpadded image
+    onto the whole grid; this keeps it aligned with the padded embedding.
+    """
+    region = sim[: valid[0], : valid[1]] if valid else sim
+    z = (sim - region.mean()) / region.std().clamp_min(1e-6) if region.numel() > 1 else sim - region.mean()
+    return torch.sigmoid(z).reshape(1, 1, 1, -1)
+
+
+def mask_to_box(mask: torch.Tensor) -> list[float] | None:
+    """[x0, y0, x1, y1] bounding box of a boolean (h, w) mask (None when empty)."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if ys.numel() == 0:
+        return None
+    return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - soft Dice of sigmoid(logits) against a {0,1} (or soft) target (PerSAM-F's loss, +1 smoothing)."""
+    p = torch.sigmoid(logits)
+    if valid is not None:
+        p, target = p[valid], target[valid]
+    return 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
+               alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Sigmoid focal loss (RetinaNet), mean over pixels, as in PerSAM-F."""
+    if valid is not None:
+        logits, target = logits[valid], target[valid]
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss.mean()
+
+
+def mix_masks(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum over the first dim of (3, h, w) multi-mask logits."""
+    return (logits * weights.view(-1, 1, 1).to(logits.dtype)).sum(0)
+
+
+def fit_mask_weights(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
+                     steps: int = 1000, lr: float = 1e-3) -> tuple[torch.Tensor, list[float]]:
+    """PerSAM-F: learn (1 - w1 - w2, w1, w2) mixing SAM's three (3, h, w) mask logits (frozen, no grad).
+
+    Two parameters, initialised to 1/3, trained with dice + focal loss by
+    AdamW (lr, eps 1e-4) under a cosine schedule over ``steps``. Returns the
+    three weights and the loss before every step and after the last.
+    """
+    logits = logits.detach().float()
+    target = target.float()
+    w = torch.nn.Parameter(torch.full((2,), 1.0 / 3.0, device=logits.device))
+    opt = torch.optim.AdamW([w], lr=lr, eps=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+
+    def full() -> torch.Tensor:
+        return torch.cat([(1 - w.sum()).view(1), w])
+
+    def loss_fn() -> torch.Tensor:
+        mixed = mix_masks(logits, full())
+        return dice_loss(mixed, target, valid) + focal_loss(mixed, target, valid)
+
+    losses = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = loss_fn()
+            losses.append(float(loss.detach()))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        losses.append(float(loss_fn().detach()))
+    return full().detach(), losses
+
+
+# --- the backend ------------------------------------------------------------------------------------------
+
+@dataclass
+class ImageState:
+    """One image's encoder output and geometry."""
+
+    embedding: torch.Tensor  # (1, D, h, w) in the model dtype
+    original: tuple[int, int]  # (H, W)
+    reshaped: tuple[int, int]  # (hr, wr): the image inside the padded square input
+
+    @property
+    def nbytes(self) -> int:
+        return self.embedding.numel() * self.embedding.element_size()
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def default_image_processor(image_size: int):
+    """SAM's preprocessing for an encoder taking ``image_size`` px: resize the longest side, normalise, pad."""
+    from transformers import SamImageProcessor
+
+    return SamImageProcessor(size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size})
+
+
+def _load_processor(source: str, image_size: int):
+    """The checkpoint's SamProcessor image processor, or SAM's preprocessing built from the config."""
+    from transformers import SamProcessor
+
+    try:
+        proc = SamProcessor.from_pretrained(source).image_processor
+    except (OSError, ValueError, TypeError):
+        return default_image_processor(image_size)
+    pad = getattr(proc, "pad_size", None) or {}
+    pad_h = pad.get("height") if isinstance(pad, dict) else getattr(pad, "height", None)
+    if pad_h is not None and int(pad_h) != image_size:
+        raise CheckpointError(f"{source}: processor pads to {pad_h} px but the model's encoder takes {image_size} px")
+    return proc
+
+
+class PerSAMBackend(Backend):
+    """PerSAM / PerSAM-F over transformers' SamModel (see the module docstring)."""
+
+    name = "persam"
+
+    def __init__(
+        self,
+        model: Any = None,
+        image_processor: Any = None,
+        checkpoint: str | None = None,
+        variant: Literal["persam", "persam-f"] = "persam",
+        kshot: Literal["output", "mean", "max"] = "output",
+        refine: bool = True,
+        instances: int = 1,
+        instance_threshold: float = 0.8,
+        train_steps: int = 1000,
+        lr: float = 1e-3,
+        min_cover: float = 0.5,
+        mask_weights: dict[str, Sequence[float]] | None = None,
+        dtype: str | torch.dtype = "float32",
+        device: str = "cpu",
+        cache_bytes: int = 4 << 30,
+    ) -> None:
+        if model is None:
+            raise ConfigError("backend 'persam' needs SAM weights: pass --checkpoint facebook/sam-vit-base "
+                              "(or a local folder saved by transformers)")
+        if variant not in VARIANTS:
+            raise ConfigError(f"persam: variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        if kshot not in KSHOT_MODES:
+            raise ConfigError(f"persam: kshot must be one of {', '.join(KSHOT_MODES)}, got {kshot!r}")
+        if int(instances) < 1 or int(train_steps) < 0 or lr <= 0 or not 0 < min_cover <= 1:
+            raise ConfigError("persam: instances >= 1, train_steps >= 0, lr > 0 and 0 < min_cover <= 1 are required")
+        self.dtype_name = dtype if isinstance(dtype, str) else next(k for k, v in _DTYPES.items() if v == dtype)
+        if self.dtype_name not in _DTYPES:
+            raise ConfigError(f"persam: dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        self.dtype = _DTYPES[self.dtype_name]
+        self.device = torch.device(device)
+        self.model = model.to(self.device, self.dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        cfg = self.model.config
+        self.input_size = int(cfg.vision_config.image_size)
+        self.grid = int(cfg.prompt_encoder_config.image_embedding_size)
+        self.image_processor = image_processor if image_processor is not None else default_image_processor(self.input_size)
+        self.checkpoint = checkpoint
+        self.variant = variant
+        self.kshot = kshot
+        self.combines = "output" if kshot == "output" else "model"
+        self.refine = bool(refine)
+        self.instances = int(instances)
+        self.instance_threshold = float(instance_threshold)
+        self.train_steps = int(train_steps)
+        self.lr = float(lr)
+        self.min_cover = float(min_cover)
+        self.cache_bytes = int(cache_bytes)
+        #: learned PerSAM-F weights per "reference key#class" (saved in :meth:`config`)
+        self.mask_weights: dict[str, list[float]] = {k: [float(x) for x in v] for k, v in (mask_weights or {}).items()}
+        self._images: OrderedDict[str, ImageState] = OrderedDict()
+        self._images_bytes = 0
+        self._targets: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
+        #: image-encoder runs (cache misses), for tests and benchmarks
+        self.encoder_calls = 0
+        #: mask-decoder runs
+        self.decoder_calls = 0
+        #: PerSAM-F trainings run (references whose weights were not known)
+        self.trainings = 0
+
+    # --- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_local_dir: str | Path, device: str = "cpu", dtype: str = "float32",
+                        **options: Any) -> "PerSAMBackend":
+        """Load SamModel (+ SamProcessor) from a local folder or a model id; CheckpointError if it is missing."""
+        from transformers import SamModel
+
+        name = str(name_or_local_dir)
+        path = Path(name).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise CheckpointError(f"{path}: SAM checkpoint must be a folder saved by transformers, not a file")
+            if not (path / "config.json").is_file():
+                raise CheckpointError(f"{path}: no config.json; not a transformers SAM checkpoint folder")
+            source = str(path)
+        elif _looks_like_path(name):
+            raise CheckpointError(f"{name}: SAM checkpoint folder not found")
+        else:
+            source = name
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            hint = " (offline: HF_HUB_OFFLINE is set and the model is not in the local cache)" \
+                if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") else ""
+            raise CheckpointError(f"{name}: cannot load SAM checkpoint{hint}: {exc}".splitlines()[0]) from None
+        if getattr(config, "model_type", None) != "sam":
+            raise CheckpointError(f"{name}: model_type is {getattr(config, 'model_type', None)!r}, not 'sam'")
+        try:
+            model = SamModel.from_pretrained(source)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{name}: cannot load SAM weights: {str(exc).splitlines()[0]}") from None
+        processor = _load_processor(source, int(config.vision_config.image_size))
+        return cls(model=model, image_processor=processor, checkpoint=name, device=device, dtype=dtype, **options)
+
+    def config(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "variant": self.variant, "kshot": self.kshot, "refine": self.refine, "instances": self.instances,
+            "instance_threshold": self.instance_threshold, "train_steps": self.train_steps, "lr": self.lr,
+            "min_cover": self.min_cover, "dtype": self.dtype_name,
+        }
+        if self.variant == "persam-f":
+            opts["mask_weights"] = {k: list(v) for k, v in sorted(self.mask_weights.items())}
+        return {"name": self.name, "checkpoint": self.checkpoint, "options": opts}
+
+    def state_dict(self) -> dict[str, list[float]]:
+        """The learned PerSAM-F weights ("reference key#class" → three mixing weights)."""
+        return {k: list(v) for k, v in self.mask_weights.items()}
+
+    def load_state(self, state: dict[str, Sequence[float]]) -> None:
+        self.mask_weights.update({k: [float(x) for x in v] for k, v in state.items()})
+
+    # --- image embeddings ------------------------------------------------------------------------------
+    def _encode(self, image: np.ndarray) -> ImageState:
+        inputs = self.image_processor(images=image, return_tensors="pt")
+        pixels = inputs["pixel_values"].to(self.device, self.dtype)
+        if tuple(pixels.shape[-2:]) != (self.input_size, self.input_size):
+            raise CheckpointError(f"{self.checkpoint}: processor gives {tuple(pixels.shape[-2:])} px inputs, "
+                                  f"the encoder takes {self.input_size}")
+        with torch.no_grad():
+            emb = self.model.get_image_embeddings(pixels)
+        self.encoder_calls += 1
+        reshaped = tuple(int(x) for x in inputs["reshaped_input_sizes"][0])
+        return ImageState(emb, tuple(image.shape[:2]), reshaped)  # type: ignore[arg-type]
+
+    def image_state(self, item: Sample | Context) -> ImageState:
+        """Cached encoder output of a sample (computed on first use); contexts are encoded every time."""
+        if isinstance(item, Context):
+            img = (item.image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+            return self._encode(img)
+        st = self._images.get(item.key)
+        if st is not None:
+            self._images.move_to_end(item.key)
+            return st
+        st = self._encode(item.image)
+        self._images[item.key] = st
+        self._images_bytes += st.nbytes
+        while self._images_bytes > self.cache_bytes and len(self._images) > 1:
+            _, old = self._images.popitem(last=False)
+            self._images_bytes -= old.nbytes
+        return st
+
+    def prepare(self, samples: Sequence[Sample]) -> None:
+        for s in samples:
+            self.image_state(s)
+
+    def clear_cache(self) -> None:
+        self._images.clear()
+        self._images_bytes = 0
+        self._targets.clear()
+
+    # --- references ------------------------------------------------------------------------------------
+    def _prompt_mask(self, prompt: Prompt, num_classes: int | None = None) -> torch.Tensor:
+        """(H, W) class ids (255 = ignore) of a prompt."""
+        if isinstance(prompt, Sample):
+            return torch.as_tensor(prompt.mask, device=self.device).long()
+        if num_classes is not None and prompt.mask.shape[0] != num_classes:
+            raise ConfigError(f"context has {prompt.mask.shape[0]} classes, the task has {num_classes}")
+        m = prompt.mask.detach().to(self.device)
+        return torch.where(m.sum(0) > 0.5, m.argmax(0), torch.full_like(m[0], IGNORE_INDEX, dtype=torch.long))
+
+    def targets(self, prompt: Prompt, num_classes: int) -> dict[int, torch.Tensor]:
+        """Raw target embedding (D,) of each foreground class present in a reference (cached per sample)."""
+        ck = (prompt.key, num_classes) if isinstance(prompt, Sample) else None
+        if ck is not None and ck in self._targets:
+            return self._targets[ck]
+        st = self.image_state(prompt)
+        feats = st.embedding[0]
+        labels = self._prompt_mask(prompt, num_classes)
+        out = {}
+        for c in range(1, num_classes):
+            m = labels == c
+            if not bool(m.any()):
+                continue
+            cover = mask_to_grid(m, st.reshaped, self.input_size, tuple(feats.shape[-2:]))
+            t = target_embedding(feats, cover, self.min_cover)
+            if t is not None:
+                out[c] = t
+        if ck is not None:
+            self._targets[ck] = out
+        return out
+
+    # --- decoder ---------------------------------------------------------------------------------------
+    def decode(self, embedding: torch.Tensor, points: Sequence[tuple[float, float]], labels: Sequence[int],
+               box: Sequence[float] | None = None, mask_input: torch.Tensor | None = None, multimask: bool = True,
+               attention_similarity: torch.Tensor | None = None,
+               target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt-encoder + mask-decoder run → (logits (n, 4h, 4w) float, scores (n,) float).
+
+        Points and box are in the resized-input frame (pixels of the padded
+        ``input_size`` square); ``mask_input`` is (4h, 4w) low-res logits.
+        """
+        dev, dt = self.device, self.dtype
+        kwargs: dict[str, Any] = {
+            "image_embeddings": embedding,
+            "input_points": torch.tensor([[list(points)]], dtype=dt, device=dev),
+            "input_labels": torch.tensor([[list(labels)]], dtype=torch.long, device=dev),
+            "multimask_output": multimask,
+        }
+        if box is not None:
+            kwargs["input_boxes"] = torch.tensor([[list(box)]], dtype=dt, device=dev)
+        if mask_input is not None:
+            kwargs["input_masks"] = mask_input.to(dev, dt)[None, None]
+        if attention_similarity is not None:
+            kwargs["attention_similarity"] = attention_similarity.to(dev, dt)
+        if target is not None:
+            kwargs["target_embedding"] = target.to(dev, dt).view(1, 1, -1)
+        with torch.no_grad():
+            out = self.model(**kwargs)
+        self.decoder_calls += 1
+        return out.pred_masks[0, 0].float(), out.iou_scores[0, 0].float()
+
+    def _to_input_frame(self, logits: torch.Tensor, st: ImageState) -> torch.Tensor:
+        """(4h, 4w) low-res logits → (hr, wr) logits over the resized image (SAM's postprocessing, first half)."""
+        up = F.interpolate(logits[None, None], size=(self.input_size, self.input_size), mode="bilinear",
+                           align_corners=False)
+        return up[0, 0, : st.reshaped[0], : st.reshaped[1]]
+
+    def _low_res_crop(self, st: ImageState) -> tuple[int, int]:
+        s = 4 * self.grid / self.input_size
+        return max(1, int(math.ceil(st.reshaped[0] * s))), max(1, int(math.ceil(st.reshaped[1] * s)))
+
+    def _box_of(self, logits: torch.Tensor, st: ImageState) -> list[float] | None:
+        return mask_to_box(self._to_input_frame(logits, st) > 0)
+
+    def segment(self, st: ImageState, sim: torch.Tensor, raw_target: torch.Tensor,
+                weights: torch.Tensor | None = None, suppress: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """PerSAM (or, with ``weights``, PerSAM-F) on one query for one target → (low-res logits, peak similarity).
+
+        ``sim`` is the (h, w) grid similarity; ``suppress`` an optional (hr, wr)
+        boolean region excluded from the positive point (multi-instance).
+        """
+        dense = upsample_similarity(sim, self.input_size, st.reshaped)
+        pick = dense if suppress is None else dense.masked_fill(suppress, float("-inf"))
+        pos, neg = select_points(pick)
+        peak = float(pick.max())
+        emb = st.embedding
+        if weights is None:  # PerSAM: location prior + target-guided attention + target-semantic prompting
+            pts, lab = [pos, neg], [1, 0]
+            logits, _ = self.decode(emb, pts, lab, multimask=False, attention_similarity=attention_bias(sim, self._valid_grid(st)),
+                                    target=raw_target)
+            best = logits[0]
+            if not self.refine:
+                return best, peak
+            logits, scores = self.decode(emb, pts, lab, mask_input=best, multimask=True)
+            best = logits[int(scores.argmax())]
+        else:  # PerSAM-F: positive point only, weighted multi-mask output
+            pts, lab = [pos], [1]
+            logits, _ = self.decode(emb, pts, lab, multimask=True)
+            best = mix_masks(logits, weights)
+            if not self.refine:
+                return best, peak
+        box = self._box_of(best, st)
+        if box is not None:
+            logits, scores = self.decode(emb, pts, lab, box=box, mask_input=best, multimask=True)
+            best = logits[int(scores.argmax())]
+            if weights is not None:  # PerSAM-F refines twice with a box
+                box = self._box_of(best, st)
+                if box is not None:
+                    logits, scores = self.decode(emb, pts, lab, box=box, mask_input=best, multimask=True)
+                    best = logits[int(scores.argmax())]
+        return best, peak
+
+    def _valid_grid(self, st: ImageState) -> tuple[int, int]:
+        s = self.grid / self.input_size
+        return max(1, int(math.ceil(st.reshaped[0] * s))), max(1, int(math.ceil(st.reshaped[1] * s)))
+
+    def foreground(self, st: ImageState, sim: torch.Tensor, raw_target: torch.Tensor,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(h4r, w4r) foreground probability of one target on one query (all instances merged)."""
+        crop = self._low_res_crop(st)
+        logits, first_peak = self.segment(st, sim, raw_target, weights)
+        prob = torch.sigmoid(logits[: crop[0], : crop[1]])
+        covered = self._to_input_frame(logits, st) > 0
+        for _ in range(self.instances - 1):
+            if bool(covered.all()):
+                break
+            nxt = upsample_similarity(sim, self.input_size, st.reshaped).masked_fill(covered, float("-inf")).max()
+            if not math.isfinite(float(nxt)) or float(nxt) < self.instance_threshold * first_peak:
+                break
+            logits, _ = self.segment(st, sim, raw_target, weights, suppress=covered)
+            prob = torch.maximum(prob, torch.sigmoid(logits[: crop[0], : crop[1]]))
+            covered = covered | (self._to_input_frame(logits, st) > 0)
+        return prob
+
+    # --- PerSAM-F ----------------------------------------------------------------------------------------
+    def weights_for(self, prompt: Prompt, cls: int, raw: torch.Tensor) -> torch.Tensor:
+        """PerSAM-F mixing weights of one reference and class: stored, or trained now on the reference itself."""
+        wkey = f"{prompt.key}#{cls}" if prompt.key is not None else None
+        if wkey is not None and wkey in self.mask_weights:
+            return torch.tensor(self.mask_weights[wkey], device=self.device)
+        weights, _ = self.train_reference(prompt, cls, raw)
+        if wkey is not None:
+            self.mask_weights[wkey] = [float(x) for x in weights]
+        return weights
+
+    def train_reference(self, prompt: Prompt, cls: int = 1,
+                        raw: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+        """Train PerSAM-F's weights on one reference (its own positive point, its own mask) → (weights, losses)."""
+        st = self.image_state(prompt)
+        labels = self._prompt_mask(prompt)
+        if raw is None:
+            k = prompt.num_classes if isinstance(prompt, Context) else cls + 1
+            found = self.targets(prompt, k)
+            if cls not in found:
+                raise ConfigError(f"reference {prompt.key}: class {cls} is not in its mask")
+            raw = found[cls]
+        sim = location_confidence(raw, st.embedding[0])
+        pos, _ = select_points(upsample_similarity(sim, self.input_size, st.reshaped))
+        logits, _ = self.decode(st.embedding, [pos], [1], multimask=True)
+        crop = self._low_res_crop(st)
+        logits = logits[:, : crop[0], : crop[1]]
+        gt = (labels == cls).float()
+        valid = (labels != IGNORE_INDEX).float()
+        # ground truth on the low-res grid, through the same resize + pad geometry as the image
+        geo = torch.stack([gt, valid])[None]
+        geo = F.interpolate(geo, size=st.reshaped, mode="bilinear", align_corners=False)
+        geo = F.pad(geo, (0, self.input_size - st.reshaped[1], 0, self.input_size - st.reshaped[0]))
+        geo = F.interpolate(geo, size=(4 * self.grid, 4 * self.grid), mode="area")[0, :, : crop[0], : crop[1]]
+        valid_m = geo[1] > 0.5
+        target = geo[0] / geo[1].clamp_min(1e-6)
+        self.trainings += 1
+        return fit_mask_weights(logits, target.clamp(0, 1), valid_m, self.train_steps, self.lr)
+
+    # --- per-pair statistics (output-level combination) -------------------------------------------------
+    def pair_stats(self, prompt: Prompt, query: Sample, num_classes: int) -> Stats:
+        """Per-class foreground probability (K, h4r, w4r) of one reference on one query, and which classes it had."""
+        st = self.image_state(query)
+        crop = self._low_res_crop(st)
+        k = num_classes - 1
+        prob = torch.zeros((k, *crop), device=self.device)
+        count = torch.zeros((k,), device=self.device)
+        for c, raw in self.targets(prompt, num_classes).items():
+            weights = self.weights_for(prompt, c, raw) if self.variant == "persam-f" else None
+            sim = location_confidence(raw, st.embedding[0])
+            prob[c - 1] = self.foreground(st, sim, raw, weights)
+            count[c - 1] = 1
+        return {"sum": prob, "count": count}
+
+    def merge_stats(self, a: Stats, b: Stats) -> Stats:
+        return {"sum": a["sum"] + b["sum"], "count": a["count"] + b["count"]}
+
+    def finalize(self, stats: Stats, query: Sample) -> torch.Tensor:
+        fg = stats["sum"] / stats["count"].clamp_min(1).view(-1, 1, 1)
+        return self._class_probs(fg, query.size)
+
+    def _class_probs(self, fg: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(K, h, w) foreground probabilities → (K+1, H, W) class probabilities (see the module docstring)."""
+        if fg.shape[0] == 0:
+            return torch.ones((1, *size), device=fg.device)
+        fg = F.interpolate(fg[None], size=size, mode="bilinear", align_corners=False)[0].clamp(0, 1)
+        bg = 1 - fg.max(0, keepdim=True).values
+        probs = torch.cat([bg, fg])
+        return probs / probs.sum(0, keepdim=True).clamp_min(1e-6)
+
+    # --- prediction --------------------------------------------------------------------------------------
+    def predict(self, prompts: Sequence[Prompt], queries: Sequence[Sample], num_classes: int | None = None) -> list[torch.Tensor]:
+        """Per query, (C, H, W) class probabilities at the query's resolution."""
+        if not prompts:
+            raise ConfigError("a prediction needs at least one prompt")
+        k = num_classes or infer_num_classes(prompts)
+        if self.kshot == "output":
+            return self.predict_from_pairs(prompts, queries, k)
+        per_class: dict[int, list[tuple[Prompt, torch.Tensor]]] = {}
+        for p in prompts:
+            for c, raw in self.targets(p, k).items():
+                per_class.setdefault(c, []).append((p, raw))
+        out = []
+        for q in queries:
+            st = self.image_state(q)
+            crop = self._low_res_crop(st)
+            fg = torch.zeros((k - 1, *crop), device=self.device)
+            for c, refs in per_class.items():
+                raw = combine_targets([r for _, r in refs])
+                if self.kshot == "max":
+                    sim = torch.stack([location_confidence(r, st.embedding[0]) for _, r in refs]).amax(0)
+                else:
+                    sim = location_confidence(raw, st.embedding[0])
+                weights = None
+                if self.variant == "persam-f":
+                    weights = torch.stack([self.weights_for(p, c, r) for p, r in refs]).mean(0)
+                fg[c - 1] = self.foreground(st, sim, raw, weights)
+            out.append(self._class_probs(fg, q.size))
+        return out
+
+    # --- memory ------------------------------------------------------------------------------------------
+    def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None) -> int:
+        """Analytic estimate of one prediction's peak: weights, the encoder's activations for one image
+        (attention matrices of a global layer included), cached embeddings of the query and every
+        reference, the decoder's activations and the output probabilities."""
+        vc = self.model.config.vision_config
+        dc = self.model.config.mask_decoder_config
+        elt = torch.finfo(self.dtype).bits // 8
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        n = (self.input_size // int(vc.patch_size)) ** 2
+        enc = elt * (n * vc.hidden_size * (6 + int(vc.mlp_ratio)) + vc.num_attention_heads * n * n)
+        emb = elt * int(vc.output_channels) * self.grid * self.grid
+        g4 = (4 * self.grid) ** 2
+        dec = elt * (dc.num_attention_heads * 8 * self.grid ** 2 * 2 + (dc.hidden_size // 4 + dc.hidden_size // 8) * g4
+                     + 4 * self.input_size ** 2) + 4 * 4 * g4
+        H, W = image_size or (self.input_size, self.input_size)
+        out = 4 * 2 * H * W * 3
+        return int(params + enc + emb * (1 + num_prompts) + dec + out)

@@ -1,0 +1,325 @@
+"""PerSAM / PerSAM-F on tiny random-init SAM models saved and reloaded (mechanics, not accuracy)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from promptopt.backends import backend_from_config, create_backend
+from promptopt.backends.persam import (
+    PerSAMBackend,
+    attention_bias,
+    combine_targets,
+    fit_mask_weights,
+    location_confidence,
+    mask_to_box,
+    mask_to_grid,
+    mix_masks,
+    normalise,
+    select_points,
+    target_embedding,
+    upsample_similarity,
+)
+from promptopt.data import Sample
+from promptopt.errors import CheckpointError, ConfigError
+from promptopt.oracle import ValidationOracle
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_sam_config(image_size: int = 64):
+    from transformers import SamConfig
+
+    return SamConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+                           patch_size=8, window_size=4, global_attn_indexes=[1], output_channels=32, num_pos_feats=16,
+                           mlp_dim=64),
+        prompt_encoder_config=dict(hidden_size=32, image_size=image_size, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+    )
+
+
+@pytest.fixture(scope="module")
+def sam_dir(tmp_path_factory):
+    from transformers import SamModel
+
+    torch.manual_seed(0)
+    model = SamModel(tiny_sam_config())
+    # random init leaves SAM's vision weights near zero; give them some spread so features vary
+    with torch.no_grad():
+        for p in model.vision_encoder.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    d = tmp_path_factory.mktemp("tiny_sam")
+    model.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    """Six images of a bright square on a dark noisy background, with masks (sizes vary, non-square)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(6):
+        h, w = (48, 80) if i % 2 else (60, 44)
+        img = rng.normal(40, 10, (h, w, 3))
+        mask = np.zeros((h, w), np.int64)
+        y, x = rng.integers(4, h // 2), rng.integers(4, w // 2)
+        mask[y:y + h // 3, x:x + w // 3] = 1
+        img[mask == 1] = (230, 60, 50)
+        out.append(Sample(f"s{i}", "blob", image=img.clip(0, 255).astype(np.uint8), mask=mask))
+    return out
+
+
+# --- the algorithm's steps --------------------------------------------------------------------------------
+
+def test_points_from_handmade_feature_map():
+    d, h, w = 8, 16, 16
+    feats = torch.randn(d, h, w) * 0.05
+    t = torch.zeros(d)
+    t[0] = 1.0
+    feats[0, 4:8, 9:13] += 1.0  # the target region
+    feats[0, 12:15, 1:4] -= 1.0  # its opposite: the least similar region
+    ref_cover = torch.zeros(h, w)
+    ref_cover[4:8, 9:13] = 1
+    target = target_embedding(feats, ref_cover)
+    assert torch.allclose(normalise(target), normalise(feats[:, 4:8, 9:13].mean((1, 2))))
+    sim = location_confidence(target, feats)
+    assert sim.shape == (h, w) and float(sim.max()) <= 1 + 1e-5
+    (px, py), (nx, ny) = select_points(sim)
+    assert 4 <= py < 8 and 9 <= px < 13
+    assert not (4 <= ny < 8 and 9 <= nx < 13) and 12 <= ny < 15 and 1 <= nx < 4
+    # the same on the resized-input frame (grid upsampled to a 64 px input, image 40 x 64)
+    dense = upsample_similarity(sim, 64, (40, 64))
+    assert dense.shape == (40, 64)
+    (px, py), _ = select_points(dense)
+    assert 14 <= py < 34 and 34 <= px < 54
+
+
+def test_mask_to_grid_and_kshot_targets():
+    mask = torch.zeros(30, 60)
+    mask[:, :30] = 1  # left half of a 2:1 image
+    cover = mask_to_grid(mask, reshaped=(32, 64), input_size=64, grid=(8, 8))
+    assert cover.shape == (8, 8)
+    assert float(cover[:4, :3].min()) == 1.0 and float(cover[:4, 3].min()) > 0.9 and float(cover[4:].sum()) == 0
+    assert float(cover[:4, 4:].max()) < 0.1
+    assert target_embedding(torch.randn(4, 8, 8), torch.zeros(8, 8)) is None
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])
+    assert torch.allclose(combine_targets([a, b]), torch.tensor([0.5, 1.5]))
+
+
+def test_attention_bias_and_box():
+    sim = torch.zeros(8, 8)
+    sim[2, 3] = 1.0
+    bias = attention_bias(sim, valid=(4, 8))
+    assert bias.shape == (1, 1, 1, 64)
+    assert float(bias.max()) == pytest.approx(float(bias[0, 0, 0, 2 * 8 + 3])) and 0 < float(bias.min()) < 0.5
+    m = torch.zeros(10, 12, dtype=torch.bool)
+    m[2:5, 3:9] = True
+    assert mask_to_box(m) == [3.0, 2.0, 8.0, 4.0]
+    assert mask_to_box(torch.zeros(3, 3, dtype=torch.bool)) is None
+
+
+def test_fit_mask_weights_lowers_loss():
+    torch.manual_seed(0)
+    gt = torch.zeros(32, 32)
+    gt[8:24, 8:24] = 1
+    good = (gt * 2 - 1) * 6
+    logits = torch.stack([torch.randn(32, 32) * 3, good, -good])
+    w, losses = fit_mask_weights(logits, gt, steps=200, lr=1e-2)
+    assert losses[-1] < losses[0] - 0.05
+    assert float(w.sum()) == pytest.approx(1.0, abs=1e-5) and float(w[1]) > 1 / 3
+    assert mix_masks(logits, w).shape == (32, 32)
+
+
+# --- the backend on a tiny SAM --------------------------------------------------------------------------
+
+def test_decoder_call_equals_direct_sam_call(sam_dir, blobs):
+    be = PerSAMBackend.from_pretrained(sam_dir)
+    st = be.image_state(blobs[0])
+    emb = st.embedding
+    from transformers import SamModel
+
+    sam = SamModel.from_pretrained(sam_dir).eval()
+    pts, lab = [(10.0, 12.0), (50.0, 30.0)], [1, 0]
+    mask_in = torch.randn(32, 32)
+    box = [4.0, 6.0, 40.0, 30.0]
+    sim = torch.rand(1, 1, 1, 64)
+    tgt = torch.randn(32)
+    cases = [
+        dict(kw={}, direct={}),
+        dict(kw={"box": box}, direct={"input_boxes": torch.tensor([[box]])}),
+        dict(kw={"box": box, "mask_input": mask_in}, direct={"input_boxes": torch.tensor([[box]]),
+                                                             "input_masks": mask_in[None, None]}),
+        dict(kw={"attention_similarity": sim, "target": tgt},
+             direct={"attention_similarity": sim, "target_embedding": tgt.view(1, 1, -1)}),
+    ]
+    for case in cases:
+        logits, scores = be.decode(emb, pts, lab, multimask=True, **case["kw"])
+        with torch.no_grad():
+            ref = sam(image_embeddings=emb, input_points=torch.tensor([[pts]]), input_labels=torch.tensor([[lab]]),
+                      multimask_output=True, **case["direct"])
+        assert torch.equal(logits, ref.pred_masks[0, 0]) and torch.equal(scores, ref.iou_scores[0, 0])
+    # the encoder path equals get_image_embeddings on the processor's pixels
+    from transformers import SamImageProcessor
+
+    px = SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})(
+        images=blobs[0].image, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(emb, sam.get_image_embeddings(px), atol=1e-6)
+
+
+def test_predict_shapes_and_embeddings_computed_once(sam_dir, blobs):
+    be = create_backend("persam", str(sam_dir))
+    assert be.combines == "output" and be.has_pair_stats
+    refs, queries = blobs[:2], blobs[2:]
+    be.prepare(queries)
+    assert be.encoder_calls == len(queries)
+    for _ in range(3):
+        outs = be.predict(refs, queries, 2)
+        outs += be.predict(refs[:1], queries, 2)
+    assert be.encoder_calls == len(queries) + len(refs)  # each image encoded exactly once
+    for p, q in zip(outs, queries):
+        assert p.shape == (2, *q.size)
+        assert torch.allclose(p.sum(0), torch.ones(q.size), atol=1e-5)
+    # output-level combination: the prediction is the merge of per-pair statistics
+    direct = be.predict(refs, queries[:1], 2)[0]
+    merged = be.finalize(be.merge_stats(be.pair_stats(refs[0], queries[0], 2), be.pair_stats(refs[1], queries[0], 2)),
+                         queries[0])
+    assert torch.allclose(direct, merged)
+
+
+def test_kshot_mean_max_and_multiclass(sam_dir, blobs):
+    mc = []
+    for s in blobs[:3]:
+        m = s.mask.copy()
+        m[: 6, : 6] = 2  # a second class in the corner
+        mc.append(Sample(s.id, "mc", image=s.image, mask=m))
+    for kshot in ("mean", "max"):
+        be = PerSAMBackend.from_pretrained(sam_dir, kshot=kshot, instances=2, instance_threshold=0.0)
+        assert be.combines == "model"
+        out = be.predict(mc[:2], mc[2:], 3)
+        assert out[0].shape == (3, *mc[2].size)
+        assert torch.allclose(out[0].sum(0), torch.ones(mc[2].size), atol=1e-5)
+    st = PerSAMBackend.from_pretrained(sam_dir).pair_stats(mc[0], mc[2], 3)
+    assert st["sum"].shape[0] == 2 and st["count"].tolist() == [1.0, 1.0]
+    st = PerSAMBackend.from_pretrained(sam_dir).pair_stats(blobs[0], mc[2], 3)
+    assert st["count"].tolist() == [1.0, 0.0] and float(st["sum"][1].abs().sum()) == 0
+
+
+def test_multi_instance_runs_extra_segmentations(sam_dir, blobs):
+    one = PerSAMBackend.from_pretrained(sam_dir, instances=1)
+    three = PerSAMBackend.from_pretrained(sam_dir, instances=3, instance_threshold=-1.0)
+    p1 = one.pair_stats(blobs[0], blobs[1], 2)["sum"]
+    calls = three.decoder_calls
+    p3 = three.pair_stats(blobs[0], blobs[1], 2)["sum"]
+    assert three.decoder_calls - calls > 3  # more than one cascade ran (unless the first mask covered everything)
+    assert bool((p3 >= p1 - 1e-6).all())  # instances are merged by a per-pixel max
+
+
+def test_persam_f_trains_weights_sam_frozen_and_roundtrips(sam_dir, blobs, tmp_path):
+    be = PerSAMBackend.from_pretrained(sam_dir, variant="persam-f", train_steps=60, lr=1e-2)
+    before = {k: v.clone() for k, v in be.model.state_dict().items()}
+    weights, losses = be.train_reference(blobs[0])
+    assert losses[-1] < losses[0]
+    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():  # as the oracle calls it: training must still work
+        out = be.predict(blobs[:2], blobs[2:4], 2)
+    after = be.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # SAM's parameters bit-identical
+    assert all(not p.requires_grad for p in be.model.parameters())
+    assert set(be.mask_weights) == {"blob/s0#1", "blob/s1#1"} and be.trainings == 3
+    # learned weights travel in the config (what prompt.json stores) and are reused, not retrained
+    cfg = json.loads(json.dumps(be.config()))
+    again = backend_from_config(cfg)
+    assert again.mask_weights == be.mask_weights and again.config() == cfg
+    out2 = again.predict(blobs[:2], blobs[2:4], 2)
+    assert again.trainings == 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out, out2))
+    fresh = PerSAMBackend.from_pretrained(sam_dir, variant="persam-f", train_steps=60, lr=1e-2)
+    fresh.load_state(be.state_dict())
+    assert fresh.mask_weights == be.mask_weights
+
+
+def test_config_roundtrip_plain(sam_dir):
+    be = PerSAMBackend.from_pretrained(sam_dir, kshot="max", refine=False, dtype="float32")
+    cfg = be.config()
+    assert cfg["name"] == "persam" and cfg["checkpoint"] == str(sam_dir)
+    assert backend_from_config(cfg).config() == cfg
+    assert be.memory_bytes(4, (480, 854)) > be.memory_bytes(1, (480, 854)) > 0
+
+
+def test_checkpoint_errors(tmp_path, sam_dir):
+    with pytest.raises(CheckpointError, match="nowhere: SAM checkpoint folder not found"):
+        PerSAMBackend.from_pretrained(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        PerSAMBackend.from_pretrained(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="no-such-org/no-such-sam"):
+        PerSAMBackend.from_pretrained("no-such-org/no-such-sam")
+    with pytest.raises(ConfigError, match="needs SAM weights"):
+        create_backend("persam")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((sam_dir / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="broken"):
+        PerSAMBackend.from_pretrained(broken)
+    with pytest.raises(ConfigError, match="variant"):
+        PerSAMBackend.from_pretrained(sam_dir, variant="nope")
+
+
+def test_through_oracle_caches_pairs(sam_dir, blobs):
+    be = PerSAMBackend.from_pretrained(sam_dir)
+    oracle = ValidationOracle(be, blobs[3:], num_classes=2)
+    assert be.encoder_calls == 3 and oracle.uses_pair_cache
+    r = oracle.score_additions([], blobs[:3])
+    assert len(r) == 3 and all(0.0 <= x.miou <= 1.0 for x in r)
+    fw = oracle.forwards
+    r2 = oracle.score_additions([blobs[0]], blobs[1:3])
+    assert oracle.forwards == fw  # every (reference, query) pair came from the cache
+    assert r2[0].miou == pytest.approx(oracle.score(blobs[:2]).miou)
+    assert be.encoder_calls == 6
+
+
+def test_cli_evaluate_with_persam(sam_dir, sample_root):
+    from promptopt.cli import app
+
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(sample_root), "--category", "dog", "--backend", "persam",
+                                 "--checkpoint", str(sam_dir), "--shots", "1", "--pool", "3", "--val", "2",
+                                 "--test", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["backend"]["name"] == "persam" and 0.0 <= doc["val_miou"] <= 1.0
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(sample_root), "--category", "dog", "--backend", "persam",
+                                 "--checkpoint", "/no/such/sam", "--shots", "1"])
+    assert r.exit_code == 2 and "SAM checkpoint folder not found" in r.output
+
+
+def test_cli_select_then_predict_reloads_persam_f_weights(sam_dir, sample_root, tmp_path):
+    from PIL import Image
+
+    from promptopt.artifacts import load_prompt
+    from promptopt.cli import app
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["select", "--data", str(sample_root), "--category", "dog", "--backend", "persam",
+                                 "--checkpoint", str(sam_dir), "--strategy", "best-single", "--no-baselines",
+                                 "--pool", "2", "--val", "2", "--test", "1", "--out", str(out),
+                                 "--option", "variant=persam-f", "--option", "train_steps=20"])
+    assert r.exit_code == 0, r.output
+    art = load_prompt(out / "prompt.json")
+    weights = art.backend["options"]["mask_weights"]
+    assert f"dog/{art.ids[0]}#1" in weights and len(weights[f"dog/{art.ids[0]}#1"]) == 3
+    be = art.build_backend()
+    assert be.mask_weights == weights
+    images = tmp_path / "new"
+    images.mkdir()
+    src = sorted((sample_root / "dog" / "images").iterdir())[-1]
+    (images / src.name).write_bytes(src.read_bytes())
+    r = CliRunner().invoke(app, ["predict", "--prompt", str(out), "--images", str(images), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    m = np.asarray(Image.open(tmp_path / "m" / f"{src.stem}.png"))
+    assert m.shape == Image.open(src).size[::-1] and set(np.unique(m)) <= {0, 255}

@@ -1,0 +1,119 @@
+"""Optuna search: results are real oracle scores, studies resume, two workers share one journal file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from promptopt.artifacts import load_prompt, read_json
+from promptopt.backends import create_backend
+from promptopt.cli import app
+from promptopt.errors import ConfigError
+from promptopt.oracle import ValidationOracle
+from promptopt.search import PromptSearch, open_storage, run_search, score_artifact
+from promptopt.task import Task
+
+
+def _task(root: Path) -> Task:
+    return Task.from_folder(root, "blob", pool=6, val=3, test=3, seed=0)
+
+
+def test_search_result_is_the_oracle_score_and_resumes(blob_dataset: Path, tmp_path: Path) -> None:
+    task = _task(blob_dataset)
+    out = tmp_path / "run"
+    res = run_search(task, out, n_trials=4, max_k=3, tune_backend=False)
+    for key in ("best_params", "val_miou", "test_miou", "selected", "trials", "split", "prompt"):
+        assert key in res
+    assert res["trials"]["total"] == 4 and res["trials"]["run_by_this_call"] == [0, 1, 2, 3]
+    assert (out / "best" / "prompt.json").is_file() and (out / "report.html").is_file()
+    assert (out / "history.png").is_file()
+    # the reported val mIoU is what the oracle gives for the saved best prompt; test is scored on test
+    art = load_prompt(out / "best" / "prompt.json")
+    backend = create_backend("features")
+    val = ValidationOracle(backend, task.split.val, task.num_classes).score(art.samples()).miou
+    test = ValidationOracle(backend, task.split.test, task.num_classes).score(art.samples()).miou
+    assert res["val_miou"] == pytest.approx(val, abs=1e-12)
+    assert res["test_miou"] == pytest.approx(test, abs=1e-12)
+    assert score_artifact(out / "best" / "prompt.json", task.split.val, task.num_classes)["miou"] == pytest.approx(val)
+    # rerunning the same command does no new trial; asking for more adds exactly the missing ones
+    again = run_search(task, out, n_trials=4, max_k=3, tune_backend=False)
+    assert again["trials"]["run_by_this_call"] == [] and again["val_miou"] == res["val_miou"]
+    more = run_search(task, out, n_trials=6, max_k=3, tune_backend=False)
+    assert more["trials"]["run_by_this_call"] == [4, 5] and more["trials"]["total"] == 6
+    assert more["val_miou"] >= res["val_miou"]
+
+
+def test_search_refuses_a_study_made_for_another_task(blob_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    PromptSearch(_task(blob_dataset), out, n_trials=1, max_k=2, tune_backend=False, strategies=["forward"]).fit()
+    other = Task.from_folder(blob_dataset, "blob", pool=6, val=3, test=3, seed=1)
+    with pytest.raises(ConfigError, match="another task"):
+        PromptSearch(other, out, n_trials=2, max_k=2, tune_backend=False, strategies=["forward"]).fit()
+
+
+def test_pruning_uses_forward_steps_and_all_pruned_is_a_clear_error(blob_dataset: Path, tmp_path: Path) -> None:
+    search = PromptSearch(_task(blob_dataset), tmp_path / "run", n_trials=2, max_k=2, tune_backend=False,
+                          strategies=["forward"], pruner=optuna.pruners.ThresholdPruner(lower=1.5))
+    with pytest.raises(ConfigError, match="no trial completed"):
+        search.fit()
+    study = optuna.load_study(study_name="promptopt-blob", storage=open_storage(None, tmp_path / "run"))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
+    assert all(t.intermediate_values for t in study.trials)
+
+
+def test_backend_options_are_searched(blob_dataset: Path, tmp_path: Path) -> None:
+    search = PromptSearch(_task(blob_dataset), tmp_path / "run", n_trials=2, max_k=1, strategies=["forward"]).fit()
+    assert {"features.temperature", "features.pixels_per_prompt", "features.scales"} <= set(search.best_params_)
+    art = load_prompt(search.best_prompt_)
+    assert art.backend["options"]["temperature"] == search.best_params_["features.temperature"]
+
+
+def test_unknown_strategy_is_a_clear_error(blob_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown search strategy 'nope'"):
+        PromptSearch(_task(blob_dataset), tmp_path / "run", strategies=["nope"])
+
+
+def test_two_worker_processes_share_one_journal_study(blob_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shared"
+    args = [sys.executable, "-m", "promptopt.cli", "search", "--data", str(blob_dataset), "--category", "blob",
+            "--out", str(out), "--n-trials", "6", "--max-k", "2", "--fixed-backend", "--pool", "6", "--val", "3",
+            "--test", "3", "--strategies", "forward,random-search"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen(args + ["--seed", str(seed)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for seed in (1, 2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    study = optuna.load_study(study_name="promptopt-blob", storage=open_storage(None, out))
+    trials = study.trials
+    numbers = [t.number for t in trials]
+    assert numbers == list(range(len(trials)))  # no gap, no duplicate
+    assert 6 <= len(trials) <= 7  # each worker stops once the study holds 6 finished trials
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
+    workers = {t.user_attrs["worker"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(workers) == 2  # both processes did work
+    for t in trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert (out / t.user_attrs["prompt"]).is_file()
+    assert read_json(out / "result.json")["trials"]["total"] == len(trials)
+
+
+def test_cli_search_then_predict(blob_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(app, ["search", "--data", str(blob_dataset), "--out", str(out), "--n-trials", "2",
+                                 "--max-k", "2", "--fixed-backend", "--pool", "6", "--val", "3", "--test", "3"])
+    assert r.exit_code == 0, r.output
+    assert "best trial" in r.output
+    masks = tmp_path / "masks"
+    r = CliRunner().invoke(app, ["predict", "--prompt", str(out / "best" / "prompt.json"),
+                                 "--images", str(blob_dataset / "blob" / "images"), "--out", str(masks)])
+    assert r.exit_code == 0, r.output
+    assert len(list(masks.glob("*.png"))) == 12
+    r = CliRunner().invoke(app, ["search", "--data", str(blob_dataset), "--out", str(out), "--strategies", "nope"])
+    assert r.exit_code == 2 and "unknown search strategy" in r.output

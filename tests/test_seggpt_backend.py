@@ -1,0 +1,277 @@
+"""SegGPT backend on tiny random-init checkpoints: parity with transformers, ensembles, gradients, palette, errors."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import SegGptForImageSegmentation, SegGptImageProcessor  # noqa: E402
+from transformers.models.seggpt.image_processing_seggpt import build_palette  # noqa: E402
+
+from promptopt.backends import backend_from_config, create_backend  # noqa: E402
+from promptopt.backends.base import Context  # noqa: E402
+from promptopt.backends.seggpt import SegGPTBackend, seggpt_palette, tiny_config  # noqa: E402
+from promptopt.data import Sample, load_dataset, split_samples  # noqa: E402
+from promptopt.errors import CheckpointError, ConfigError  # noqa: E402
+from promptopt.oracle import ValidationOracle  # noqa: E402
+from promptopt.strategies import ForwardSelector  # noqa: E402
+
+SIZE = 32  # per-image input size of tiny_config()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random SegGPT saved as a transformers folder; the decoder head is scaled up so that the
+    predicted colours spread over the palette (a plain random init paints everything near black)."""
+    torch.manual_seed(0)
+    model = SegGptForImageSegmentation(tiny_config())
+    with torch.no_grad():
+        model.decoder.decoder_pred.head.weight.normal_(0.0, 1.5)
+        model.decoder.decoder_pred.head.bias.fill_(0.5)
+    path = tmp_path_factory.mktemp("seggpt-tiny")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def backend(checkpoint):
+    return SegGPTBackend.from_pretrained(checkpoint)
+
+
+def make_sample(i: int, h: int = SIZE, w: int = SIZE, classes: int = 2) -> Sample:
+    rng = np.random.default_rng(i)
+    return Sample(f"s{i}", "t", image=rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+                  mask=rng.integers(0, classes, (h, w)).astype(np.int64))
+
+
+def processor() -> SegGptImageProcessor:
+    return SegGptImageProcessor(size={"height": SIZE, "width": SIZE})
+
+
+def direct_call(model, prompts, query, num_labels=1, feature_ensemble=None):
+    """transformers end to end: processor → model → (mean of rows) → post_process_semantic_segmentation."""
+    proc = processor()
+    n = len(prompts)
+    inputs = proc(images=[query.image] * n, prompt_images=[p.image for p in prompts],
+                  prompt_masks=[p.mask.astype(np.uint8) for p in prompts], num_labels=num_labels, return_tensors="pt")
+    kwargs = {} if feature_ensemble is None else {"feature_ensemble": feature_ensemble}
+    with torch.no_grad():
+        out = model(**inputs, **kwargs)
+    out = SimpleNamespace(pred_masks=out.pred_masks.mean(0, keepdim=True))
+    return proc.post_process_semantic_segmentation(out, target_sizes=[query.size], num_labels=num_labels,
+                                                   return_segmentation_scores=True)[0]
+
+
+def test_parity_one_prompt(backend):
+    p, q = make_sample(0), make_sample(1)
+    ref = direct_call(backend.model, [p], q)
+    probs = backend.predict([p], [q], 2)[0]
+    assert probs.shape == (2, SIZE, SIZE)
+    assert torch.equal(probs.argmax(0), ref.segmentation)
+    assert 0.05 < ref.segmentation.float().mean() < 0.95  # the head's colours do span both classes
+    expected = torch.softmax(ref.segmentation_scores / 255.0**2 / backend.temperature, dim=0)
+    torch.testing.assert_close(probs, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_parity_with_resize(backend):
+    """Queries and prompts of other sizes: bicubic/nearest resizes as the processor does (which rounds to uint8)."""
+    p, q = make_sample(2, 45, 70), make_sample(3, 50, 61)
+    ref = direct_call(backend.model, [p], q)
+    probs = backend.predict([p], [q], 2)[0]
+    assert probs.shape == (2, 50, 61)
+    assert (probs.argmax(0) == ref.segmentation).float().mean() > 0.97
+    inputs = processor()(images=q.image, prompt_images=p.image, prompt_masks=p.mask.astype(np.uint8), num_labels=1,
+                         return_tensors="pt")
+    torch.testing.assert_close(backend.query_input(q), inputs["pixel_values"][0], atol=0.03, rtol=0)
+    torch.testing.assert_close(backend.prompt_input(p, 2)[1], inputs["prompt_masks"][0], atol=1e-5, rtol=0)
+
+
+def test_feature_ensemble_equals_manual_call(backend):
+    prompts, q = [make_sample(i) for i in (4, 5, 6)], make_sample(7)
+    ref = direct_call(backend.model, prompts, q, feature_ensemble=True)
+    probs = backend.predict(prompts, [q], 2)[0]
+    expected = torch.softmax(ref.segmentation_scores / 255.0**2 / backend.temperature, dim=0)
+    torch.testing.assert_close(probs, expected, atol=1e-4, rtol=1e-4)
+    # the ensemble really changes the answer, and the N rows are reduced by their mean, not row 0
+    alone = direct_call(backend.model, prompts, q, feature_ensemble=False)
+    assert not torch.allclose(ref.segmentation_scores, alone.segmentation_scores)
+
+
+def test_feature_ensemble_rows_differ_and_mean_is_used(backend):
+    prompts, q = [make_sample(i) for i in (4, 5)], make_sample(7)
+    proc = processor()
+    inputs = proc(images=[q.image] * 2, prompt_images=[p.image for p in prompts],
+                  prompt_masks=[p.mask.astype(np.uint8) for p in prompts], num_labels=1, return_tensors="pt")
+    with torch.no_grad():
+        rows = backend.model(**inputs, feature_ensemble=True).pred_masks
+    half = rows[:, :, SIZE:]
+    assert not torch.allclose(half[0], half[1])
+    mean_probs = backend.decode(half.mean(0), 2)
+    torch.testing.assert_close(backend.predict(prompts, [q], 2)[0], mean_probs, atol=1e-5, rtol=1e-5)
+
+
+def test_one_prompt_does_not_pass_feature_ensemble(backend, monkeypatch):
+    seen = []
+    original = backend.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("feature_ensemble"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backend.model, "forward", spy)
+    backend.predict([make_sample(0)], [make_sample(1), make_sample(2)], 2)
+    assert seen and all(fe is None for fe in seen)
+    backend.predict([make_sample(0), make_sample(3)], [make_sample(1)], 2)
+    assert seen[-1] is True
+
+
+def test_output_ensemble_is_mean_of_single_runs(checkpoint):
+    be = SegGPTBackend.from_pretrained(checkpoint, ensemble="output", batch_size=2)
+    assert be.combines == "output" and be.has_pair_stats
+    prompts, queries = [make_sample(i) for i in (10, 11, 12)], [make_sample(13), make_sample(14, 40, 30)]
+    probs = be.predict(prompts, queries, 2)
+    for q, pr in zip(queries, probs):
+        singles = torch.stack([be.predict([p], [q], 2)[0] for p in prompts]).mean(0)
+        torch.testing.assert_close(pr, singles, atol=1e-5, rtol=1e-5)
+        from_pairs = be.predict_from_pairs(prompts, [q], 2)[0]
+        torch.testing.assert_close(pr, from_pairs, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_prompt_tensors_only(checkpoint):
+    be = SegGPTBackend.from_pretrained(checkpoint, checkpointing=True)
+    before = {k: v.clone() for k, v in be.model.state_dict().items()}
+    ctxs = []
+    for i in (20, 21):
+        c = Context.from_sample(make_sample(i, 40, 40), 2)
+        ctxs.append(Context(c.image.clone().requires_grad_(True), c.mask.clone().requires_grad_(True)))
+    loss = be.tuning_loss(ctxs, [make_sample(22), make_sample(23)], 2)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    for c in ctxs:
+        assert c.image.grad is not None and c.image.grad.abs().sum() > 0
+        assert c.mask.grad is not None and c.mask.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in be.model.parameters())
+    after = be.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # predictions are differentiable too
+    be.predict(ctxs, [make_sample(24)], 2)[0][1].mean().backward()
+
+
+def test_tuning_loss_averages_over_prompts(backend):
+    """One row per prompt in bool_masked_pos: N copies of the same prompt give the single-prompt loss."""
+    c = Context.from_sample(make_sample(30), 2)
+    q = [make_sample(31)]
+    with torch.no_grad():
+        one = backend.tuning_loss([c], q, 2)
+        be_out = SegGPTBackend(backend.model, ensemble="output")
+        three = be_out.tuning_loss([c, c, c], q, 2)
+    torch.testing.assert_close(one, three, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 9, 21])
+def test_semantic_palette_round_trip(backend, k):
+    assert seggpt_palette(k).tolist() == [list(c) for c in build_palette(k - 1)]
+    mask = torch.arange(k).repeat_interleave(3).reshape(1, -1).expand(4, -1)
+    onehot = torch.nn.functional.one_hot(mask, k).permute(2, 0, 1).float()
+    rgb = backend.mask_to_rgb(onehot)
+    np.testing.assert_array_equal(
+        (rgb * 255).round().to(torch.uint8).numpy(),
+        processor().mask_to_rgb(mask.numpy(), palette=build_palette(k - 1)),
+    )
+    pred = backend._normalise(rgb)  # a perfect prediction of the mask decodes back to its ids
+    assert torch.equal(backend.decode(pred, k).argmax(0), mask)
+
+
+def test_semantic_embedding_and_multiclass_predict(checkpoint):
+    be = SegGPTBackend.from_pretrained(checkpoint, embedding_type="semantic")
+    p, q = make_sample(40, classes=4), make_sample(41)
+    probs = be.predict([p], [q], 4)[0]
+    assert probs.shape == (4, SIZE, SIZE)
+    torch.testing.assert_close(probs.sum(0), torch.ones(SIZE, SIZE))
+    proc = processor()
+    inputs = proc(images=q.image, prompt_images=p.image, prompt_masks=p.mask.astype(np.uint8), num_labels=3,
+                  return_tensors="pt")
+    with torch.no_grad():
+        out = be.model(**inputs, embedding_type="semantic")
+    seg = proc.post_process_semantic_segmentation(out, target_sizes=[q.size], num_labels=3)[0]
+    assert torch.equal(probs.argmax(0), seg)
+    with pytest.raises(ConfigError, match="embedding_type"):
+        SegGPTBackend(be.model, embedding_type="panoptic")
+
+
+def test_missing_checkpoint_errors(tmp_path):
+    with pytest.raises(ConfigError, match="needs a checkpoint"):
+        create_backend("seggpt")
+    with pytest.raises(CheckpointError, match="not found"):
+        SegGPTBackend.from_pretrained(tmp_path / "absent")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        SegGPTBackend.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache.*huggingface-cli download"):
+        SegGPTBackend.from_pretrained("BAAI/seggpt-vit-large-not-cached")
+
+
+def test_config_round_trip(checkpoint):
+    be = create_backend("seggpt", str(checkpoint), {"ensemble": "output", "temperature": 0.1})
+    cfg = json.loads(json.dumps(be.config()))
+    again = backend_from_config(cfg)
+    assert isinstance(again, SegGPTBackend) and again.config() == cfg
+    assert again.ensemble == "output" and again.combines == "output" and again.temperature == 0.1
+
+
+def test_memory_estimate_grows_with_prompts(checkpoint):
+    feat = SegGPTBackend.from_pretrained(checkpoint)
+    out = SegGPTBackend.from_pretrained(checkpoint, ensemble="output", batch_size=2)
+    assert feat.memory_kind == "analytic estimate"
+    m = [feat.memory_bytes(k, (480, 854)) for k in (1, 2, 4, 8)]
+    assert m[0] > 0 and all(b > a for a, b in zip(m, m[1:]))
+    assert m[3] - m[2] == pytest.approx(2 * (m[2] - m[1]), rel=1e-6)  # linear in k
+    assert out.memory_bytes(2) == out.memory_bytes(16)  # bounded by batch_size rows
+
+
+def test_oracle_and_forward_selection(checkpoint):
+    root = pytest.importorskip("promptopt.data").bundled_sample_root()
+    split = split_samples(load_dataset(root, category="dog").samples(), seed=0)
+    pool, val = split.pool[:4], split.val[:2]
+    for ensemble in ("feature", "output"):
+        be = SegGPTBackend.from_pretrained(checkpoint, ensemble=ensemble)
+        oracle = ValidationOracle(be, val, num_classes=2)
+        exact = oracle.score(pool[:2])
+        probs = be.predict(sorted(pool[:2], key=lambda s: s.key), val, 2)
+        assert 0.0 <= exact.miou <= 1.0 and probs[0].shape == (2, *val[0].size)
+        sel = ForwardSelector(oracle, max_prompts=2, shortlist=2 if ensemble == "feature" else None).fit(pool)
+        assert 1 <= len(sel.selected_) <= 2 and 0.0 <= sel.score_ <= 1.0
+        if ensemble == "output":
+            assert oracle.uses_pair_cache and oracle.forwards <= len(pool) * len(val)
+
+
+def test_cli_evaluate(checkpoint):
+    from typer.testing import CliRunner
+
+    from promptopt.cli import app
+    from promptopt.data import bundled_sample_root
+
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(bundled_sample_root()), "--category", "dog",
+                                 "--backend", "seggpt", "--checkpoint", str(checkpoint), "--shots", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert 0.0 <= doc["val_miou"] <= 1.0 and len(doc["prompts"]) == 2
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(bundled_sample_root()), "--category", "dog",
+                                 "--backend", "seggpt", "--shots", "1"])
+    assert r.exit_code == 2 and "needs a checkpoint" in r.output
+
+
+def test_bfloat16_and_fp16_fallback(checkpoint):
+    p, q = make_sample(50), make_sample(51)
+    ref = SegGPTBackend.from_pretrained(checkpoint).predict([p], [q], 2)[0]
+    bf = SegGPTBackend.from_pretrained(checkpoint, dtype="bfloat16")
+    assert next(bf.model.parameters()).dtype == torch.bfloat16 and bf.config()["options"]["dtype"] == "bfloat16"
+    out = bf.predict([p], [q], 2)[0]
+    assert out.dtype == torch.float32 and (out.argmax(0) == ref.argmax(0)).float().mean() > 0.8
+    with pytest.warns(UserWarning, match="float16 is not supported on CPU"):
+        half = SegGPTBackend.from_pretrained(checkpoint, dtype="float16")
+    assert half.dtype == torch.float32

@@ -255,3 +255,16 @@ def test_search_strategy_tuned(dog_task, tmp_path):
                      n_trials=1, tune_backend=False)
     assert res["val_miou"] is not None and res["test_miou"] is not None
     assert load_prompt(tmp_path / "search" / "best" / "prompt.json").kind == "tuned"
+
+
+@pytest.mark.parametrize("backend_name", sorted(BACKENDS))
+def test_loss_falls_with_frozen_model(backend_name, dog_task, tmp_path):
+    """The same two training images every step: the backend's own loss falls, its weights do not move."""
+    backend = BACKENDS[backend_name](tmp_path)
+    before = [p.detach().clone() for p in model_parameters(backend)]
+    init = dog_task.pool[:1]
+    tuner = ContextTuner(backend, init=init, steps=8, lr=0.1, batch_size=2, warmup=1, eval_every=8,
+                         patience=None).fit(dog_task.pool[1:3], dog_task.split.val[:1])
+    assert tuner.losses_[-1] < tuner.losses_[0]
+    assert all(torch.equal(a, b) for a, b in zip(before, model_parameters(backend)))
+    assert all(p.grad is None for p in model_parameters(backend))

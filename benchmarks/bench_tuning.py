@@ -93,7 +93,7 @@ def cuda_part(args) -> dict | None:
         for dtype in ("float32", "bfloat16"):
             for ckpt in (False, True):
                 opts = {**json.loads(args.seggpt_options), "device": "cuda", "dtype": dtype,
-                        "gradient_checkpointing": ckpt}
+                        "checkpointing": ckpt}
                 backend = create_backend("seggpt", tmp, opts)
                 tuner = ContextTuner(backend, init=task.pool[:1], steps=args.cuda_steps, batch_size=args.batch_size,
                                      warmup=1, eval_every=10**9, patience=None)

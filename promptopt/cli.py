@@ -326,6 +326,56 @@ def search(
                               f"({res['trials']['total']} trials)  report: {run_dir / 'report.md'}")
 
 
+@app.command()
+def tune(
+    data: Path = DataOpt,
+    out: Path = typer.Option(..., "--out", help="Run folder (created; rerun the same command to resume)."),
+    category: Optional[str] = CategoryOpt,
+    backend: str = BackendOpt,
+    checkpoint: Optional[str] = CheckpointOpt,
+    init: Optional[str] = typer.Option(None, "--init", help="RUN_DIR/prompt.json whose examples start the tuning, or 'noise'."),
+    shots: Optional[int] = typer.Option(None, "--shots", help="Start from K pool examples drawn with --seed."),
+    steps: int = typer.Option(100, "--steps", help="Optimizer steps."),
+    lr: float = typer.Option(0.05, "--lr", help="Peak learning rate (Adam, logit space)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Training images per step."),
+    warmup: int = typer.Option(10, "--warmup", help="Linear warm-up steps (then cosine decay)."),
+    tune_what: str = typer.Option("both", "--tune", help="image | mask | both."),
+    per_class: bool = typer.Option(False, "--per-class", help="Semantic tasks: one context per class."),
+    eval_every: int = typer.Option(10, "--eval-every", help="Val mIoU every N steps."),
+    patience: int = typer.Option(5, "--patience", help="Evaluations without gain before stopping (0: never)."),
+    context_side: Optional[int] = typer.Option(None, "--context-side", help="Long side of the learned tensors."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="e.g. 8GiB, 512MB or bytes."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --shots, noise init and mini-batches."),
+    split_seed: int = SeedOpt,
+    pool: str = PoolOpt,
+    val: str = ValOpt,
+    test: Optional[str] = TestOpt,
+    num_classes: Optional[int] = ClassesOpt,
+    mask_mode: str = MaskModeOpt,
+    option: Optional[List[str]] = OptionOpt,
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Learn the prompt tensor (image and/or mask) with the model frozen; write RUN_DIR."""
+    with user_errors():
+        from .tune_run import run_tuning
+
+        if init is None and shots is None:
+            raise ConfigError("give --init RUN_DIR/prompt.json (or --init noise) or --shots K")
+        task, be = _task_and_backend(data, category, backend, checkpoint, option, split_seed, pool, val, test,
+                                     num_classes, mask_mode, device)
+        command = "promptopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        with progress_bars() as prog:
+            res = run_tuning(task, be, out, init=init, shots=shots, seed=seed, steps=steps, lr=lr,
+                             batch_size=batch_size, warmup=warmup, tune=tune_what, per_class=per_class,
+                             eval_every=eval_every, patience=patience or None, context_side=context_side,
+                             memory_budget=memory_budget, progress=prog, command=command, log=console.print)
+        r4 = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+        out_console.print(f"{task.category}: val mIoU {r4(res['start']['val_miou'])} -> {r4(res['tuned']['val_miou'])}  "
+                          f"test mIoU {r4(res['start']['test_miou'])} -> {r4(res['tuned']['test_miou'])}  "
+                          f"({res['summary']['steps_run']} steps, {res['wall_s']:.1f} s)")
+        out_console.print(f"report: {out / 'report.md'}")
+
+
 def main() -> None:  # pragma: no cover - console-script entry point
     app()
 

@@ -79,3 +79,16 @@ def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | P
         if progress:
             progress(i + 1, len(queries))
     return written
+
+
+def _predict_tuned(art: PromptArtifact, backend: Backend, queries: Sequence[Sample]) -> list[np.ndarray]:
+    """Learned contexts (context tuning): the safetensors beside prompt.json are the prompt."""
+    from .strategies.tuning import load_contexts
+
+    if not art.context_file:
+        raise DataError(f"{art.path}: a tuned prompt needs a context_file")
+    contexts = load_contexts(art.path.parent / art.context_file, getattr(backend, "device", "cpu"))
+    return [prediction_to_labels(backend.predict(contexts, [q], art.num_classes)[0]).cpu().numpy() for q in queries]
+
+
+register_predictor("tuned", _predict_tuned)

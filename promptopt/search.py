@@ -107,9 +107,12 @@ def _load_optional() -> None:
 
     for mod in ("promptopt.strategies.retrieval", "promptopt.strategies.tuning"):
         try:
-            importlib.import_module(mod)
+            module = importlib.import_module(mod)
         except ImportError:
-            pass
+            continue
+        hook = getattr(module, "register_search", None)  # modules imported before this one register here
+        if callable(hook):
+            hook()
 
 
 # --- built-in strategies --------------------------------------------------------------------------

@@ -365,8 +365,18 @@ class FeaturesBackend(Backend):
         return self._resize(probs.unsqueeze(0), query.size)[0] if tuple(probs.shape[-2:]) != tuple(query.size) else probs
 
     def predict(self, prompts: Sequence[Prompt], queries: Sequence[Sample], num_classes: int | None = None) -> list[torch.Tensor]:
-        """Probabilities per query; equal to pooling all prompts' pixels in one softmax (see the docstring)."""
-        return self.predict_from_pairs(prompts, queries, num_classes)
+        """Probabilities per query; equal to pooling all prompts' pixels in one softmax (see the docstring).
+
+        The same arithmetic as :meth:`predict_from_pairs`, but each prompt's context pixels are
+        built once for all queries: tensor prompts (context tuning) are not cached, and rebuilding
+        their features (and autograd graph) per query would dominate a tuning step.
+        """
+        if not prompts:
+            raise ConfigError("a prediction needs at least one prompt")
+        k = num_classes or infer_num_classes(prompts)
+        parts = [self.context_pixels(p, k) for p in prompts]
+        return [self.finalize(self.reduce_stats([self._head(self.features_of(q), *part, k) for part in parts]), q)
+                for q in queries]
 
     def predict_pooled(self, prompts: Sequence[Prompt], queries: Sequence[Sample], num_classes: int | None = None) -> list[torch.Tensor]:
         """Reference implementation: one softmax over the concatenated context pixels of all prompts."""

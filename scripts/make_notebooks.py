@@ -94,6 +94,68 @@ print(path, [l.shape for l in labels], [int(l.sum()) for l in labels])
 ]
 
 
+TUNING = [
+    md("""
+# Context tuning — learn the prompt, keep the model frozen
+
+SegGPT's authors propose to freeze the segmenter and optimise the prompt tensor itself (image and/or mask) by
+gradient descent on labelled images. `ContextTuner` does this for any backend that is differentiable in its prompt;
+here the weight-free `features` backend on the bundled DAVIS sample (SegGPT works the same way with a checkpoint).
+"""),
+    code("""
+%matplotlib inline
+import matplotlib.pyplot as plt
+import numpy as np
+from promptopt.data import bundled_sample_root
+from promptopt.task import Task
+from promptopt.backends import create_backend
+from promptopt.strategies import BestSingle
+from promptopt.strategies.tuning import ContextTuner, score_contexts
+
+task = Task.from_folder(bundled_sample_root(), "dog", pool=0.5, val=0.25, seed=0)
+backend = create_backend("features", options={"max_side": 128, "pixels_per_prompt": 512})
+val_oracle, test_oracle = task.oracles(backend)
+start = BestSingle(val_oracle).fit(task.pool).selected_
+print("start from", [s.id for s in start], f"val mIoU {val_oracle.score(start).miou:.3f}")
+"""),
+    md("## Tune\nAdam with warm-up and cosine decay; the current context is scored on val every few steps and the best one is kept (early stopping). Model weights cannot change: the tuner freezes them and checks after every backward pass."),
+    code("""
+train = [s for s in task.pool if s.id != start[0].id]
+tuner = ContextTuner(backend, init=start, steps=12, lr=0.05, batch_size=3, warmup=2, eval_every=3).fit(train, val_oracle)
+print(f"val mIoU: start {tuner.initial_score_:.3f} -> tuned {tuner.score_:.3f} (best step {tuner.best_step_})")
+print(f"test mIoU: start {score_contexts(backend, tuner.initial_contexts_, task.split.test, task.num_classes).miou:.3f}"
+      f" -> tuned {score_contexts(backend, tuner.contexts_, task.split.test, task.num_classes).miou:.3f}")
+"""),
+    code("""
+fig, axes = plt.subplots(1, 3, figsize=(11, 2.6))
+axes[0].plot(tuner.losses_); axes[0].set_title("training loss"); axes[0].set_xlabel("step")
+axes[1].plot([h["step"] for h in tuner.history_], [h["val_miou"] for h in tuner.history_], "o-")
+axes[1].set_title("val mIoU"); axes[1].set_xlabel("step")
+ctx = tuner.contexts_[0]
+axes[2].imshow(ctx.image.detach().permute(1, 2, 0).clamp(0, 1).numpy())
+axes[2].contour(ctx.mask.detach()[1].numpy(), levels=[0.5], colors="r"); axes[2].set_title("learned context (mask contour)")
+axes[2].axis("off")
+plt.tight_layout(); plt.show()
+"""),
+    md("## Save, reload, predict\nThe tuned context is stored as safetensors inside the prompt artifact; `promptopt predict` and `predict_labels` use it like any prompt."),
+    code("""
+import tempfile
+from pathlib import Path
+from promptopt.artifacts import save_prompt
+from promptopt.strategies.tuning import save_contexts
+from promptopt.predict import predict_labels
+
+run = Path(tempfile.mkdtemp())
+save_contexts(run / "context.safetensors", tuner.contexts_)
+path = save_prompt(run, backend.config(), start, task.num_classes, task.category, kind="tuned",
+                   context_file="context.safetensors")
+labels = predict_labels(path, task.split.test[:3])
+direct = [p.argmax(0).numpy() for p in backend.predict(tuner.contexts_, task.split.test[:3], task.num_classes)]
+print("reloaded prediction equals the tuner's:", all((a == b).all() for a, b in zip(labels, direct)))
+"""),
+]
+
+
 def write(name: str, cells: list) -> Path:
     nb = nbformat.v4.new_notebook()
     nb.cells = cells
@@ -103,7 +165,7 @@ def write(name: str, cells: list) -> Path:
     return path
 
 
-NOTEBOOKS = {"01_quickstart.ipynb": QUICKSTART}
+NOTEBOOKS = {"01_quickstart.ipynb": QUICKSTART, "03_context_tuning.ipynb": TUNING}
 
 
 def main() -> None:

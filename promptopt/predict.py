@@ -79,3 +79,12 @@ def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | P
         if progress:
             progress(i + 1, len(queries))
     return written
+
+
+def _predict_retrieval(art: PromptArtifact, backend: Backend, queries: Sequence[Sample]) -> list[np.ndarray]:
+    from .strategies.retrieval import predict_retrieval  # lazy: FAISS is only needed for retrieval prompts
+
+    return predict_retrieval(art, backend, queries)
+
+
+register_predictor("retrieval", _predict_retrieval)

@@ -34,12 +34,13 @@ def rss_bytes() -> int:
     return 0
 
 
-def clustered(n: int, dim: int, rng: np.random.Generator, centres: np.ndarray, chunk: int = 100_000) -> np.ndarray:
+def clustered(n: int, dim: int, rng: np.random.Generator, centres: np.ndarray, chunk: int = 100_000,
+              noise: float = 1.0) -> np.ndarray:
     out = np.empty((n, dim), dtype=np.float32)
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
         c = centres[rng.integers(0, len(centres), size=m)]
-        x = c + rng.standard_normal((m, dim), dtype=np.float32) * (1.0 / np.sqrt(dim))
+        x = c + rng.standard_normal((m, dim), dtype=np.float32) * (noise / np.sqrt(dim))
         out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
@@ -65,11 +66,12 @@ def measure(idx: EmbeddingIndex, queries: np.ndarray, truth: np.ndarray, k: int 
             "recall@10": recall}
 
 
-def run_size(n: int, dim: int, kinds: list[str], queries_n: int, seed: int = 0) -> list[dict]:
+def run_size(n: int, dim: int, kinds: list[str], queries_n: int, seed: int = 0, n_centres: int = 1000,
+             noise: float = 1.0) -> list[dict]:
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((1000, dim), dtype=np.float32) / np.sqrt(dim)
-    base = clustered(n, dim, rng, centres)
-    queries = clustered(queries_n, dim, rng, centres)
+    centres = rng.standard_normal((n_centres, dim), dtype=np.float32) / np.sqrt(dim)
+    base = clustered(n, dim, rng, centres, noise=noise)
+    queries = clustered(queries_n, dim, rng, centres, noise=noise)
     t = time.perf_counter()
     truth = exact_topk(base, queries, 10)
     print(f"n={n}: ground truth in {time.perf_counter() - t:.1f} s", flush=True)
@@ -93,7 +95,7 @@ def run_size(n: int, dim: int, kinds: list[str], queries_n: int, seed: int = 0) 
                 idx.ef_search = knob
             if kind == "ivf":
                 idx.nprobe = knob
-            r = {"n": n, "dim": dim, "index": kind, **{k: v for k, v in opts.items()},
+            r = {"n": n, "dim": dim, "centres": n_centres, "noise": noise, "index": kind, **{k: v for k, v in opts.items()},
                  "knob": None if knob is None else ("efSearch" if kind == "hnsw" else "nprobe") + f"={knob}",
                  "build_s": round(build_s, 2), "memory_mib": round(mem / 2**20, 1), **measure(idx, queries, truth)}
             print(json.dumps(r), flush=True)
@@ -127,12 +129,15 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--hnsw-max", type=int, default=100_000, help="largest size at which HNSW is built")
+    ap.add_argument("--centres", type=int, default=1000, help="mixture components of the data")
+    ap.add_argument("--noise", type=float, default=1.0, help="noise norm relative to a centre's (1: about half the variance)")
+    ap.add_argument("--kinds", nargs="*", default=None, help="index types (default: flat, hnsw up to --hnsw-max, ivf from 100k)")
     ap.add_argument("--out", default="benchmarks/results/bench_index.json")
     args = ap.parse_args()
     rows = []
     for n in args.sizes:
-        kinds = ["flat"] + (["hnsw"] if n <= args.hnsw_max else []) + (["ivf"] if n >= 100_000 else [])
-        rows += run_size(n, args.dim, kinds, args.queries)
+        kinds = args.kinds or (["flat"] + (["hnsw"] if n <= args.hnsw_max else []) + (["ivf"] if n >= 100_000 else []))
+        rows += run_size(n, args.dim, kinds, args.queries, n_centres=args.centres, noise=args.noise)
         g = cuda_exact(n, args.dim)
         if g:
             print(json.dumps(g), flush=True)

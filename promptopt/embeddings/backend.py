@@ -39,7 +39,7 @@ class BackendEncoder(Encoder):
     @property
     def dim(self) -> int:
         if self._dim is None:
-            probe = Sample("probe", image=np.zeros((32, 32, 3), dtype=np.uint8))
+            probe = Sample("__promptopt_dim_probe__", image=np.zeros((32, 32, 3), dtype=np.uint8))
             self._dim = int(self._embed(probe).shape[0])
         return self._dim
 

@@ -58,7 +58,7 @@ class OpenClipEncoder(Encoder):
     @property
     def dim(self) -> int:
         if self._dim is None:
-            self._dim = int(self._encode_batch([Sample("probe", image=np.zeros((32, 32, 3), np.uint8))]).shape[1])
+            self._dim = int(self._encode_batch([Sample("__promptopt_dim_probe__", image=np.zeros((32, 32, 3), np.uint8))]).shape[1])
         return self._dim
 
     @property

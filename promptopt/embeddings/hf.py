@@ -58,7 +58,7 @@ class HFVisionEncoder(Encoder):
     @property
     def dim(self) -> int:
         if self._dim is None:
-            probe = Sample("probe", image=np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8))
+            probe = Sample("__promptopt_dim_probe__", image=np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8))
             self._dim = int(self._encode_batch([probe]).shape[1])
         return self._dim
 

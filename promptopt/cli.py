@@ -178,7 +178,8 @@ def select(
     category: Optional[str] = CategoryOpt,
     backend: str = BackendOpt,
     checkpoint: Optional[str] = CheckpointOpt,
-    strategy: str = typer.Option("forward", "--strategy", help="forward | random | best-single | random-search | worst-case"),
+    strategy: str = typer.Option("forward", "--strategy",
+                                 help="forward | random | best-single | random-search | worst-case | retrieval"),
     max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="At most K prompts (k of the baselines)."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="e.g. 8GiB, 512MB or bytes."),
     min_gain: float = typer.Option(0.0, "--min-gain", help="Smallest val-mIoU gain that counts as progress."),
@@ -194,6 +195,9 @@ def select(
     mask_mode: str = MaskModeOpt,
     option: Optional[List[str]] = OptionOpt,
     device: Optional[str] = DeviceOpt,
+    index: Optional[Path] = typer.Option(None, "--index", help="retrieval: index folder (promptopt index build)."),
+    k: Optional[int] = typer.Option(None, "--k", help="retrieval: prompts per query (default --max-prompts or 4)."),
+    diversity: float = typer.Option(0.0, "--diversity", help="retrieval: MMR diversity in [0, 1] (0 = plain top-k)."),
 ) -> None:
     """Choose the prompt set that maximises val mIoU; compare with baselines; write RUN_DIR."""
     with user_errors():
@@ -213,7 +217,8 @@ def select(
                 res = run_selection(task, be, run_dir, strategy=strategy, max_prompts=max_prompts,
                                     memory_budget=memory_budget, min_gain=min_gain, patience=patience,
                                     shortlist=shortlist, baselines=() if no_baselines else DEFAULT_BASELINES,
-                                    random_seeds=seeds, progress=prog, command=command, log=console.print)
+                                    random_seeds=seeds, progress=prog, command=command, log=console.print,
+                                    index=index, k=k or max_prompts, diversity=diversity)
             results[cat] = res
             out_console.print(f"{cat}: selected {', '.join(res['selected'])}  val mIoU {res['val_miou']:.4f}  "
                               f"test mIoU {res['test_miou'] if res['test_miou'] is None else round(res['test_miou'], 4)}"
@@ -374,6 +379,68 @@ def tune(
                           f"test mIoU {r4(res['start']['test_miou'])} -> {r4(res['tuned']['test_miou'])}  "
                           f"({res['summary']['steps_run']} steps, {res['wall_s']:.1f} s)")
         out_console.print(f"report: {out / 'report.md'}")
+
+
+# --- embedding indexes (retrieval) ------------------------------------------------------------------
+index_app = typer.Typer(no_args_is_help=True, help="Build and query embedding indexes for retrieval-style prompts.")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    data: Path = DataOpt,
+    out: Path = typer.Option(..., "--out", help="Index folder, e.g. indexes/NAME (index.faiss + manifest.json)."),
+    category: Optional[str] = CategoryOpt,
+    encoder: str = typer.Option("features", "--encoder",
+                                help="features (weight-free) | clip[:MODEL] | hf:<name_or_dir> | backend[:NAME]"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="clip: pretrained tag or file; backend: its checkpoint."),
+    option: Optional[List[str]] = typer.Option(None, "--option", help="Encoder option key=value (repeatable)."),
+    index_type: str = typer.Option("auto", "--index-type", help="auto | flat | hnsw | ivf"),
+    masked: bool = typer.Option(False, "--masked", help="Mask-aware embeddings (features pooled on the object)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    mask_mode: str = MaskModeOpt,
+) -> None:
+    """Embed every image of a dataset (or one category) and save a FAISS index with its manifest."""
+    with user_errors():
+        from .data import load_dataset
+        from .embeddings import create_encoder
+        from .index import build_index
+
+        ds = load_dataset(data, category=category, mask_mode=mask_mode)
+        samples = [s for cat in ds.categories for s in ds.samples(cat)]
+        enc = create_encoder(encoder, checkpoint, _options(option))
+        with progress_bars() as prog:
+            cb = (lambda done, total: prog("images", done, total)) if prog else None
+            idx = build_index(samples, enc, kind=index_type, masked=masked, batch_size=batch_size, progress=cb)
+        idx.save(out, dataset_root=data)
+        out_console.print(f"indexed {len(idx)} image(s) with {enc.name} (dim {idx.dim}, {idx.kind}) into {out}")
+
+
+@index_app.command("query")
+def index_query(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    image: Path = typer.Option(..., "--image", help="Query image file."),
+    k: int = typer.Option(5, "--k", help="Neighbours to list."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List the k indexed images most similar to IMAGE (cosine similarity)."""
+    with user_errors():
+        from .index import EmbeddingIndex
+        from .predict import image_samples
+
+        idx = EmbeddingIndex.load(index)
+        enc = idx.make_encoder()
+        hits = idx.search(enc.encode(image_samples([image])), k)[0]
+        if as_json:
+            out_console.print_json(json.dumps([{"key": key, "similarity": sim} for key, sim in hits]))
+            return
+        t = Table(title=f"{image.name}: {len(hits)} nearest in {index}")
+        t.add_column("rank", justify="right")
+        t.add_column("sample")
+        t.add_column("similarity", justify="right")
+        for i, (key, sim) in enumerate(hits, 1):
+            t.add_row(str(i), key, f"{sim:.4f}")
+        out_console.print(t)
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

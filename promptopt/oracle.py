@@ -19,7 +19,7 @@ backend-agnostic and two strategies scored by the same oracle are comparable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -257,6 +257,35 @@ class ValidationOracle:
                     memo[key] = res
                 out[i] = res
         return out  # type: ignore[return-value]
+
+    def score_assignment(self, assignment: Mapping[str, Sequence[Prompt]]) -> OracleResult:
+        """mIoU when every image has its own prompt set (retrieval-style prompting).
+
+        ``assignment`` maps each of the oracle's images (its ``key``,
+        ``category/id``, or its ``id``) to that image's prompts. Pair statistics
+        come from the same cache as :meth:`score`, so a prompt already scored
+        against an image is never recomputed. ``prompt_ids`` of the result is
+        the union of the prompts used.
+        """
+        per_query: list[tuple[Sample, list[Prompt]]] = []
+        for q in self.samples:
+            prompts = assignment.get(q.key, assignment.get(q.id))
+            if not prompts:
+                raise ConfigError(f"no prompts assigned to image {q.key!r}")
+            per_query.append((q, sorted(prompts, key=lambda p: p.key or "")))
+        key = ("@assignment",) + tuple(f"{q.key}<-{','.join(_set_key(ps))}" for q, ps in per_query)
+        self._counters.calls += 1
+        if self.cache and key in self._results:
+            self._counters.memo_hits += 1
+            return self._results[key]
+        acc = IoUAccumulator(self.num_classes, self.ignore_index)
+        for q, ps in per_query:
+            acc.add_confusion(self._confusion(self._predict_one(ps, q), q), q.id)
+        used = sorted({p.key.split("/")[-1] for _, ps in per_query for p in ps})
+        result = OracleResult(used, acc.result())
+        if self.cache:
+            self._results[key] = result
+        return result
 
     def predict(self, prompts: Sequence[Prompt]) -> list[torch.Tensor]:
         """The (C, H, W) probabilities behind :meth:`score`, one per image (uncached, for reports)."""

@@ -92,3 +92,12 @@ def _predict_tuned(art: PromptArtifact, backend: Backend, queries: Sequence[Samp
 
 
 register_predictor("tuned", _predict_tuned)
+
+
+def _predict_retrieval(art: PromptArtifact, backend: Backend, queries: Sequence[Sample]) -> list[np.ndarray]:
+    from .strategies.retrieval import predict_retrieval  # lazy: FAISS is only needed for retrieval prompts
+
+    return predict_retrieval(art, backend, queries)
+
+
+register_predictor("retrieval", _predict_retrieval)

@@ -28,13 +28,15 @@ from .strategies.base import ProgressFn
 from .task import Task
 
 DEFAULT_BASELINES = ("random", "best-single", "random-search", "worst-case")
+#: retrieval is compared with forward selection and random-k at the same k (random search at one oracle call is moot)
+RETRIEVAL_BASELINES = ("forward", "random", "best-single")
 
 
 def make_strategy(name: str, oracle: ValidationOracle, *, max_prompts: int | None = None,
                   memory_budget: str | int | None = None, min_gain: float = 0.0, patience: int = 1,
                   shortlist: int | None = None, k: int | None = None, n_trials: int | None = None,
                   seeds: int = 10, seed: int = 0, checkpoint: Path | None = None,
-                  progress: ProgressFn | None = None) -> PromptStrategy:
+                  progress: ProgressFn | None = None, index: Any = None, diversity: float = 0.0) -> PromptStrategy:
     """Build a selection strategy by its CLI name."""
     k_eff = k or max_prompts or 4
     if name == "forward":
@@ -48,6 +50,12 @@ def make_strategy(name: str, oracle: ValidationOracle, *, max_prompts: int | Non
         return RandomSearch(oracle, k_eff, n_trials=n_trials or 50, seed=seed, progress=progress)
     if name == "worst-case":
         return WorstCaseGreedy(oracle, k_eff, progress=progress)
+    if name == "retrieval":
+        from .strategies.retrieval import RetrievalSelector
+
+        if index is None:
+            raise ConfigError("strategy 'retrieval' needs an index (--index indexes/NAME; see `promptopt index build`)")
+        return RetrievalSelector(oracle, index, k=k or 4, diversity=diversity, progress=progress)
     raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(SELECTION_STRATEGIES)}")
 
 
@@ -70,6 +78,9 @@ def run_selection(
     progress: ProgressFn | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
+    index: Any = None,
+    k: int | None = None,
+    diversity: float = 0.0,
 ) -> dict[str, Any]:
     """Run one selection strategy and its baselines on one task; write the run folder; return result.json's data."""
     out = check_run_dir(out_dir)
@@ -77,15 +88,19 @@ def run_selection(
     val_oracle, test_oracle = task.oracles(backend)
     main = make_strategy(strategy, val_oracle, max_prompts=max_prompts, memory_budget=memory_budget,
                          min_gain=min_gain, patience=patience, shortlist=shortlist, seeds=random_seeds,
-                         checkpoint=out / "state.json", progress=progress)
+                         checkpoint=out / "state.json", progress=progress, index=index, k=k, diversity=diversity)
     main.fit(task.pool)
     main_calls = val_oracle.calls
-    k = len(main.selected_)
+    per_query = strategy == "retrieval"  # each image has its own prompts: scored by assignment
+    k = main.k if per_query else len(main.selected_)  # type: ignore[attr-defined]
+    if per_query and tuple(baselines) == DEFAULT_BASELINES:
+        baselines = RETRIEVAL_BASELINES
     if log and getattr(main, "resumed_steps_", 0):
         log(f"resumed after {main.resumed_steps_} finished step(s) from {out / 'state.json'}")
 
     rows = [{"name": strategy, "selected": main.selected_ids_, "val_miou": main.score_,
-             "test_miou": _test_score(test_oracle, main.selected_)}]
+             "test_miou": (main.evaluate(test_oracle).miou if test_oracle else None) if per_query  # type: ignore[attr-defined]
+             else _test_score(test_oracle, main.selected_)}]
     if strategy == "random":
         tests = [_test_score(test_oracle, d["selected"]) for d in main.draws_]  # type: ignore[attr-defined]
         rows[0]["test_miou_mean"] = float(np.nanmean([t for t in tests if t is not None])) if test_oracle else None
@@ -150,8 +165,14 @@ def run_selection(
     if strategy == "random":
         result["test_miou_mean"] = rows[0].get("test_miou_mean")
         result["test_miou_std"] = rows[0].get("test_miou_std")
-    save_prompt(out, backend.config(), main.selected_, task.num_classes, task.category,
-                extra={"strategy": strategy, "val_miou": main.score_, "test_miou": rows[0]["test_miou"]})
+    if per_query:
+        main.pool_index().save(out / "index")  # type: ignore[attr-defined]
+        save_prompt(out, backend.config(), main.pool_, task.num_classes, task.category, kind="retrieval",  # type: ignore[attr-defined]
+                    extra={"strategy": strategy, "val_miou": main.score_, "test_miou": rows[0]["test_miou"],
+                           "index": "index", "k": k, "diversity": main.diversity})  # type: ignore[attr-defined]
+    else:
+        save_prompt(out, backend.config(), main.selected_, task.num_classes, task.category,
+                    extra={"strategy": strategy, "val_miou": main.score_, "test_miou": rows[0]["test_miou"]})
     atomic_write_json(out / "result.json", result)
     write_selection_report(out, result, task, main, test_oracle)
     return result
@@ -173,7 +194,7 @@ def write_selection_report(out: Path, result: dict[str, Any], task: Task, main: 
     figs.append(("Test mIoU of each strategy (random: mean ± std over seeds)",
                  plot_strategy_scores(rows, out / "strategies.png").name))
     figs.append(("Chosen prompts with their masks", plot_prompts(main.selected_, out / "prompts.png").name))
-    if test_oracle is not None and main.selected_:
+    if test_oracle is not None and main.selected_ and result["strategy"] != "retrieval":
         shown = test_oracle.samples[:6]
         probs = test_oracle.predict(main.selected_)[: len(shown)]
         labels = [prediction_to_labels(p).cpu().numpy() for p in probs]

@@ -240,6 +240,10 @@ class FeaturesBackend(Backend):
         for s in samples:
             self.features_of(s)
 
+    def image_embedding(self, sample: Sample) -> torch.Tensor:
+        """(D,) mean of the image's feature channels: the ``backend`` encoder's embedding for retrieval."""
+        return self.features_of(sample).mean((1, 2))
+
     def clear_cache(self) -> None:
         self._features.clear()
         self._contexts.clear()

@@ -1,0 +1,5 @@
+"""Persisted FAISS indexes of image embeddings (flat / HNSW / IVF) with manifests that guard them."""
+
+from .store import INDEX_KINDS, EmbeddingIndex, build_index
+
+__all__ = ["EmbeddingIndex", "build_index", "INDEX_KINDS"]

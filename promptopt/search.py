@@ -315,19 +315,35 @@ def score_artifact(prompt_path: str | Path, samples: Sequence[Sample], num_class
     return {"miou": res.miou, "per_image_iou": res.per_image_iou}
 
 
+def _publish(src: Path, dest: Path) -> None:
+    """Copy a finished trial's folder to ``dest`` so that readers never see a half-written copy.
+
+    Several workers may finish at once: each copies to a private temporary folder and renames it into
+    place; if another worker's rename wins the race, that copy (of a trial at least as good) is kept.
+    """
+    pid = os.getpid()
+    tmp, old = dest.with_name(f".{dest.name}.{pid}"), dest.with_name(f".{dest.name}.old.{pid}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    try:
+        os.rename(dest, old)
+    except FileNotFoundError:
+        pass
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def run_search(task: Task, out_dir: str | Path, command: str | None = None, **kwargs: Any) -> dict[str, Any]:
     """Run (or resume, or join) the study for one task; write best/, result.json and the report."""
     t0 = time.perf_counter()
     search = PromptSearch(task, out_dir, **kwargs).fit()
     out = search.run_dir
-    best_dir = out / "best"
-    src = search.best_prompt_.parent
-    tmp = out / f".best.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(best_dir, ignore_errors=True)
-    os.replace(tmp, best_dir)
-    test = score_artifact(best_dir / "prompt.json", task.split.test, task.num_classes) if task.split.test else None
+    _publish(search.best_prompt_.parent, out / "best")
+    # scored from the trial's own folder, which no other worker ever rewrites
+    test = score_artifact(search.best_prompt_, task.split.test, task.num_classes) if task.split.test else None
     trials = search.study_.get_trials(deepcopy=False)
     states = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
     top = sorted((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: -t.value)[:10]
@@ -353,11 +369,12 @@ def run_search(task: Task, out_dir: str | Path, command: str | None = None, **kw
         "command": command,
     }
     atomic_write_json(out / "result.json", result)
-    write_search_report(out, result, search.study_, task)
+    write_search_report(out, result, search.study_, task, search.best_prompt_)
     return result
 
 
-def write_search_report(out: Path, result: dict[str, Any], study: optuna.Study, task: Task) -> Path:
+def write_search_report(out: Path, result: dict[str, Any], study: optuna.Study, task: Task,
+                        best_prompt: Path | None = None) -> Path:
     """report.md/.html: best configuration, Optuna's history and importance plots, best prompts and predictions."""
     import matplotlib
 
@@ -390,7 +407,7 @@ def write_search_report(out: Path, result: dict[str, Any], study: optuna.Study, 
                          save(ovm.plot_param_importances(study), "importances.png")))
         except (ValueError, RuntimeError) as exc:  # too few trials or a degenerate search space
             figs.append((f"Parameter importances not available: {exc}", ""))
-    art = load_prompt(out / "best" / "prompt.json")
+    art = load_prompt(best_prompt or out / "best" / "prompt.json")
     prompts = art.samples()
     if prompts:
         figs.append(("Prompts of the best trial", plot_prompts(prompts, out / "prompts.png").name))

@@ -154,3 +154,16 @@ def test_cli_search_then_predict(blob_dataset: Path, tmp_path: Path) -> None:
     assert len(list(masks.glob("*.png"))) == 12
     r = CliRunner().invoke(app, ["search", "--data", str(blob_dataset), "--out", str(out), "--strategies", "nope"])
     assert r.exit_code == 2 and "unknown search strategy" in r.output
+
+
+def test_retrieval_and_tuned_are_searchable(blob_dataset: Path, tmp_path: Path) -> None:
+    task = _task(blob_dataset)
+    for strategy in ("retrieval", "tuned"):
+        out = tmp_path / strategy
+        res = run_search(task, out, n_trials=2, max_k=2, tune_backend=False, strategies=[strategy])
+        assert res["best_params"]["strategy"] == strategy
+        art = load_prompt(out / "best" / "prompt.json")
+        assert art.kind == strategy
+        # the test number is the saved artifact applied to the test images
+        assert res["test_miou"] == pytest.approx(score_artifact(out / "best" / "prompt.json", task.split.test,
+                                                                task.num_classes)["miou"])

@@ -171,3 +171,45 @@ def predict_retrieval(art, backend, queries: Sequence[Sample]) -> list[np.ndarra
         prompts = [s for s, _ in hits[q.key]]
         out.append(prediction_to_labels(backend.predict(prompts, [q], art.num_classes)[0]).cpu().numpy())
     return out
+
+
+# --- Optuna search ------------------------------------------------------------------------------------
+_SEARCH_INDEXES: dict[str, EmbeddingIndex] = {}
+
+
+def _search_retrieval(trial, ctx):
+    """Optuna search strategy "retrieval": encoder (weight-free, or mask-aware), k and MMR diversity searched.
+
+    The index over the pool is built once per encoder and reused by later trials of the process (queries are
+    always encoded without their masks, so a mask-aware index never sees a validation mask).
+    Encoders that need weights are searched only when given as ``retrieval_encoders`` in the search extras.
+    """
+    from ..artifacts import fingerprint as _fp
+    from ..artifacts import save_prompt
+    from ..embeddings import create_encoder
+    from ..index import build_index
+    from ..search import TrialOutcome
+
+    choices = list(ctx.extras.get("retrieval_encoders") or ["features", "features+mask"])
+    spec = trial.suggest_categorical("retrieval.encoder", choices)
+    k = trial.suggest_int("retrieval.k", 1, ctx.max_k)
+    diversity = trial.suggest_categorical("retrieval.diversity", [0.0, 0.3, 0.6])
+    name, masked = spec.removesuffix("+mask"), spec.endswith("+mask")
+    samples = list(ctx.task.pool)
+    key = _fp({"encoder": spec, "samples": [s.key for s in samples]})
+    if key not in _SEARCH_INDEXES:
+        _SEARCH_INDEXES[key] = build_index(samples, create_encoder(name), kind="flat", masked=masked)
+    sel = RetrievalSelector(ctx.oracle, _SEARCH_INDEXES[key], k=k, diversity=diversity,
+                            progress=ctx.progress).fit(ctx.task.pool)
+    sel.pool_index().save(ctx.trial_dir / "index")
+    path = save_prompt(ctx.trial_dir, ctx.backend.config(), sel.pool_, ctx.task.num_classes, ctx.task.category,
+                       kind="retrieval", extra={"strategy": "retrieval", "val_miou": sel.score_, "index": "index",
+                                                "k": k, "diversity": diversity})
+    return TrialOutcome(sel.score_, path, sel.selected_ids_, {"encoder": spec})
+
+
+def register_search() -> None:
+    """Make "retrieval" available to :mod:`promptopt.search` (called by its loader of optional strategies)."""
+    from ..search import register_search_strategy
+
+    register_search_strategy("retrieval", _search_retrieval)

@@ -74,9 +74,10 @@ def _forward(task: Task, cfg: dict[str, Any]) -> dict[str, Any]:
 def _optional_strategies() -> None:
     """Retrieval and tuned context join when their modules exist (they register themselves here)."""
     try:
-        import fewshot_extra  # noqa: F401  (experiments/fewshot_extra.py)
+        import fewshot_extra  # experiments/fewshot_extra.py
     except ImportError:
-        pass
+        return
+    FEW_SHOT.update(fewshot_extra.STRATEGIES)
 
 
 def _labelled_and_test(samples: list[Sample], cfg: dict[str, Any]) -> tuple[list[Sample], list[Sample]]:
@@ -87,7 +88,7 @@ def _labelled_and_test(samples: list[Sample], cfg: dict[str, Any]) -> tuple[list
     return sp.pool, sp.test
 
 
-def run(config_path: Path, out_dir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(config_path: Path, out_dir: Path | None = None, log: Callable[[str], None] = lambda m: print(m, flush=True)) -> dict[str, Any]:
     cfg = json.loads(Path(config_path).read_text())
     name = cfg["name"]
     out = out_dir or HERE / "results" / name

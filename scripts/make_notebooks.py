@@ -156,6 +156,90 @@ print("reloaded prediction equals the tuner's:", all((a == b).all() for a, b in 
 ]
 
 
+STRATEGIES = [
+    md("""
+# Every strategy side by side
+
+One task (the bundled `blackswan` object, weight-free `features` backend), one validation oracle, every strategy:
+random k, best single example, random search, worst-case greedy, forward selection, retrieval (each image gets its
+nearest pool examples from a FAISS index) and a tuned context. Val mIoU is what each optimises; **test mIoU** is held
+out and is the number to trust.
+"""),
+    code("""
+%matplotlib inline
+import matplotlib.pyplot as plt
+import numpy as np
+from promptopt.data import bundled_sample_root
+from promptopt.task import Task
+from promptopt.backends import create_backend
+from promptopt.strategies import BestSingle, ForwardSelector, RandomK, RandomSearch, WorstCaseGreedy
+
+task = Task.from_folder(bundled_sample_root(), "car-roundabout", pool=0.5, val=0.25, seed=0)
+backend = create_backend("features")
+val, test = task.oracles(backend)
+K = 3
+rows = {}
+fwd = ForwardSelector(val, max_prompts=K).fit(task.pool)
+rows["forward"] = (fwd.score_, test.score(fwd.selected_).miou)
+rnd = RandomK(val, len(fwd.selected_), seeds=5).fit(task.pool)
+rows["random-k (mean)"] = (rnd.score_mean_, float(np.mean([test.score(d["selected"]).miou for d in rnd.draws_])))
+for name, strat in {"best single": BestSingle(val),
+                    "random search": RandomSearch(val, len(fwd.selected_), n_trials=val.calls),
+                    "worst-case greedy": WorstCaseGreedy(val, len(fwd.selected_))}.items():
+    strat.fit(task.pool)
+    rows[name] = (strat.score_, test.score(strat.selected_).miou)
+print("forward selected", fwd.selected_ids_)
+"""),
+    md("## Retrieval: a prompt per image\nThe pool is embedded once with the weight-free encoder and indexed with FAISS; each image's k nearest pool examples are its prompt."),
+    code("""
+from promptopt.embeddings import create_encoder
+from promptopt.index import build_index
+from promptopt.strategies.retrieval import RetrievalSelector
+
+index = build_index(list(task.pool), create_encoder("features"), kind="flat")
+ret = RetrievalSelector(val, index, k=K).fit(task.pool)
+rows["retrieval"] = (ret.score_, ret.evaluate(test).miou)
+print({q: p for q, p in list(ret.assignment_.items())[:3]})
+"""),
+    md("## Tuned context\nStart from the best single example and learn its image and mask with the model frozen."),
+    code("""
+from promptopt.strategies.tuning import ContextTuner, score_contexts
+
+best = BestSingle(val).fit(task.pool).selected_
+train = [s for s in task.pool if s not in best]
+tuner = ContextTuner(backend, init=best, steps=8, lr=0.05, batch_size=3, warmup=1, eval_every=4).fit(train, val)
+rows["tuned context"] = (tuner.score_, score_contexts(backend, tuner.contexts_, task.split.test, task.num_classes).miou)
+"""),
+    code("""
+names = list(rows)
+v = [rows[n][0] for n in names]; t = [rows[n][1] for n in names]
+x = np.arange(len(names))
+plt.figure(figsize=(8, 3))
+plt.bar(x - 0.2, v, 0.4, label="val (optimised)"); plt.bar(x + 0.2, t, 0.4, label="test (held out)")
+plt.xticks(x, names, rotation=20, fontsize=8); plt.ylim(min(v + t) - 0.1, 1); plt.ylabel("mIoU"); plt.legend(fontsize=8)
+plt.title(f"{task.category}: strategies compared"); plt.tight_layout(); plt.show()
+for n in names:
+    print(f"{n:20s} val {rows[n][0]:.3f}   test {rows[n][1]:.3f}")
+"""),
+    md("## What the predictions look like\nGreen: correct foreground, red: false positive, blue: missed."),
+    code("""
+from promptopt.oracle import prediction_to_labels
+from promptopt.report import error_overlay
+
+shown = task.split.test[:3]
+preds = {"forward": backend.predict(fwd.selected_, shown, task.num_classes),
+         "random-k (seed 0)": backend.predict(rnd.draws_[0]["selected"], shown, task.num_classes),
+         "tuned context": backend.predict(tuner.contexts_, shown, task.num_classes)}
+fig, axes = plt.subplots(len(preds), len(shown), figsize=(3 * len(shown), 2 * len(preds)), squeeze=False)
+for r, (name, probs) in enumerate(preds.items()):
+    for c, (s, p) in enumerate(zip(shown, probs)):
+        axes[r][c].imshow(error_overlay(s.image, prediction_to_labels(p).numpy(), s.mask)); axes[r][c].axis("off")
+        axes[r][c].set_title(f"{name}: {s.id}", fontsize=8)
+plt.tight_layout(); plt.show()
+"""),
+]
+
+
 def write(name: str, cells: list) -> Path:
     nb = nbformat.v4.new_notebook()
     nb.cells = cells
@@ -165,7 +249,8 @@ def write(name: str, cells: list) -> Path:
     return path
 
 
-NOTEBOOKS = {"01_quickstart.ipynb": QUICKSTART, "03_context_tuning.ipynb": TUNING}
+NOTEBOOKS = {"01_quickstart.ipynb": QUICKSTART, "02_strategies_compared.ipynb": STRATEGIES,
+             "03_context_tuning.ipynb": TUNING}
 
 
 def main() -> None:

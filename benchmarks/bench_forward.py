@@ -100,7 +100,7 @@ def shortlist(args) -> None:
     rows = []
     print("| object | exact val | exact test | exact forwards | "
           + " | ".join(f"M={m} val | M={m} test | M={m} forwards" for m in args.m) + " |")
-    for cat in ds.categories:
+    for cat in args.categories or ds.categories:
         task = Task.from_dataset(ds, cat, seed=0)
         row = {"object": cat}
         for m in [None, *args.m]:
@@ -141,6 +141,7 @@ def main() -> None:
     sl.add_argument("--davis", default="../shared/data/davis2016_val")
     sl.add_argument("--k", type=int, default=4)
     sl.add_argument("--m", type=int, nargs="+", default=[2, 4])
+    sl.add_argument("--categories", nargs="+", default=None, help="DAVIS objects (default: all)")
     sl.add_argument("--out", default="benchmarks/results")
     q = sub.add_parser("quality")
     q.add_argument("--davis", default="../shared/data/davis2016_val")

@@ -229,6 +229,16 @@ def _md_to_html(md: str, base: Path) -> str:
             f"{body}\n</body></html>\n")
 
 
+def figures_and_command(figs: Sequence[tuple[str, str]], command: str | None) -> list[str]:
+    """Markdown lines ending a run report: one section per (caption, image file), then the command that made it."""
+    md: list[str] = []
+    for caption, fname in figs:
+        md += [f"### {caption}", "", f"![{caption}]({fname})", ""]
+    if command:
+        md += ["## Command", "", "```", command, "```", ""]
+    return md
+
+
 def write_report(run_dir: str | Path, markdown: str, name: str = "report") -> tuple[Path, Path]:
     """Write ``report.md`` and a self-contained ``report.html`` (images embedded) atomically."""
     run_dir = Path(run_dir)

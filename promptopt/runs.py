@@ -20,8 +20,8 @@ from .backends.base import Backend
 from .errors import ConfigError
 from .memory import format_bytes
 from .oracle import ValidationOracle, prediction_to_labels
-from .report import (fmt, markdown_table, plot_predictions, plot_prompts, plot_steps, plot_strategy_scores,
-                     write_report)
+from .report import (figures_and_command, fmt, markdown_table, plot_predictions, plot_prompts,
+                     plot_steps, plot_strategy_scores, write_report)
 from .strategies import (SELECTION_STRATEGIES, BestSingle, ForwardSelector, PromptStrategy, RandomK, RandomSearch,
                          WorstCaseGreedy)
 from .strategies.base import ProgressFn
@@ -223,10 +223,7 @@ def write_selection_report(out: Path, result: dict[str, Any], task: Task, main: 
         md.append(f"- Stopped because: {result['summary']['stop_reason']}")
     md += ["", "## Strategies compared", "",
            markdown_table(["strategy", "val mIoU", "test mIoU", "test std"], table_rows), ""]
-    for caption, fname in figs:
-        md += [f"### {caption}", "", f"![{caption}]({fname})", ""]
-    if result.get("command"):
-        md += ["## Command", "", "```", result["command"], "```", ""]
+    md += figures_and_command(figs, result.get("command"))
     write_report(out, "\n".join(md))
     return out / "report.md"
 

@@ -23,7 +23,7 @@ from .data import Sample
 from .errors import ConfigError
 from .memory import format_bytes
 from .oracle import prediction_to_labels
-from .report import fmt, markdown_table, mask_overlay, plot_curves, plot_predictions, write_report
+from .report import figures_and_command, fmt, markdown_table, mask_overlay, plot_curves, plot_predictions, write_report
 from .strategies.base import ProgressFn
 from .strategies.tuning import ContextTuner, context_to_sample, save_contexts, score_contexts
 from .task import Task
@@ -217,9 +217,6 @@ def write_tuning_report(out: Path, result: dict[str, Any], tuner: ContextTuner, 
         "prompt's id, which tensor prompts lack).",
         "",
     ]
-    for caption, fname in figs:
-        md += [f"### {caption}", "", f"![{caption}]({fname})", ""]
-    if result.get("command"):
-        md += ["## Command", "", "```", result["command"], "```", ""]
+    md += figures_and_command(figs, result.get("command"))
     write_report(out, "\n".join(md))
     return out / "report.md"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from promptopt.backends import create_backend
 from promptopt.strategies import ForwardSelector
 from promptopt.task import Task
 
@@ -17,7 +16,9 @@ def tuned(task: Task, cfg: dict[str, Any]) -> dict[str, Any]:
     from promptopt.strategies.tuning import ContextTuner, score_contexts
 
     t = cfg.get("tuned", {})
-    be = create_backend("features", options={**cfg.get("backend_options", {}), **t.get("backend_options", {})})
+    from fewshot_vs_supervised import make_backend
+
+    be = make_backend(cfg, **t.get("backend_options", {}))
     val, _ = task.oracles(be)
     start = ForwardSelector(val, max_prompts=int(t.get("prompts", 2))).fit(task.pool).selected_
     train = [s for s in task.pool if s not in start] or list(task.pool)
@@ -39,7 +40,9 @@ def retrieval(task: Task, cfg: dict[str, Any]) -> dict[str, Any]:
     from promptopt.index import build_index
     from promptopt.strategies.retrieval import RetrievalSelector
 
-    be = create_backend("features", options=cfg.get("backend_options"))
+    from fewshot_vs_supervised import make_backend
+
+    be = make_backend(cfg)
     val, test = task.oracles(be)
     k = int(cfg.get("k", 4))
     index = build_index(list(task.pool), create_encoder("features"), kind="flat")

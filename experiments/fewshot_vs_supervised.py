@@ -52,9 +52,15 @@ def few_shot(name: str) -> Callable[[FewShot], FewShot]:
     return deco
 
 
+def make_backend(cfg: dict[str, Any], **extra_options: Any):
+    """The config's segmenter: ``backend`` (default the weight-free ``features``), ``checkpoint``, ``backend_options``."""
+    return create_backend(cfg.get("backend", "features"), cfg.get("checkpoint"),
+                          {**(cfg.get("backend_options") or {}), **extra_options})
+
+
 @few_shot("random")
 def _random(task: Task, cfg: dict[str, Any]) -> dict[str, Any]:
-    be = create_backend("features", options=cfg.get("backend_options"))
+    be = make_backend(cfg)
     val, test = task.oracles(be)
     k = int(cfg.get("k", 4))
     r = RandomK(val, k, seeds=int(cfg.get("random_seeds", 5))).fit(task.pool)
@@ -64,7 +70,7 @@ def _random(task: Task, cfg: dict[str, Any]) -> dict[str, Any]:
 
 @few_shot("forward")
 def _forward(task: Task, cfg: dict[str, Any]) -> dict[str, Any]:
-    be = create_backend("features", options=cfg.get("backend_options"))
+    be = make_backend(cfg)
     val, test = task.oracles(be)
     f = ForwardSelector(val, max_prompts=int(cfg.get("max_prompts", 8))).fit(task.pool)
     return {"test_miou": test.score(f.selected_).miou, "val_miou": f.score_, "k": len(f.selected_),

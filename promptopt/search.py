@@ -3,8 +3,9 @@
 Each Optuna trial picks a strategy (forward selection, random search, and any
 strategy registered with :func:`register_search_strategy`, such as retrieval
 and context tuning), that strategy's knobs (k, diversity, learning rate, ...)
-and the backend's own options (for the weight-free ``features`` backend: pixel
-sampling, scales, kernel temperature), fits the strategy on the prompt pool and
+and the backend's own options (``features``: pixel sampling, scales, kernel
+temperature; ``persam``: PerSAM vs PerSAM-F, k-shot combination, cascaded
+refinement; ``seggpt``: feature vs output ensemble, embedding type), fits the strategy on the prompt pool and
 returns its validation mIoU. Forward selection reports its val mIoU after every
 step as an intermediate value, so Optuna's pruner can stop hopeless trials.
 
@@ -160,7 +161,24 @@ def _features_space(trial: optuna.Trial) -> dict[str, Any]:
     }
 
 
+def _persam_space(trial: optuna.Trial) -> dict[str, Any]:
+    return {
+        "variant": trial.suggest_categorical("persam.variant", ["persam", "persam-f"]),
+        "kshot": trial.suggest_categorical("persam.kshot", ["output", "mean", "max"]),
+        "refine": trial.suggest_categorical("persam.refine", [True, False]),
+    }
+
+
+def _seggpt_space(trial: optuna.Trial) -> dict[str, Any]:
+    return {
+        "ensemble": trial.suggest_categorical("seggpt.ensemble", ["feature", "output"]),
+        "embedding_type": trial.suggest_categorical("seggpt.embedding_type", ["instance", "semantic"]),
+    }
+
+
 register_backend_space("features", _features_space)
+register_backend_space("persam", _persam_space)
+register_backend_space("seggpt", _seggpt_space)
 
 
 # --- the search -----------------------------------------------------------------------------------

@@ -167,3 +167,29 @@ def test_retrieval_and_tuned_are_searchable(blob_dataset: Path, tmp_path: Path) 
         # the test number is the saved artifact applied to the test images
         assert res["test_miou"] == pytest.approx(score_artifact(out / "best" / "prompt.json", task.split.test,
                                                                 task.num_classes)["miou"])
+
+
+def test_search_over_seggpt_and_persam_options_with_tiny_checkpoints(blob_dataset: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import SamConfig, SamModel, SegGptForImageSegmentation
+
+    from promptopt.backends.seggpt import tiny_config
+
+    torch.manual_seed(0)
+    seg_dir = tmp_path / "seggpt"
+    SegGptForImageSegmentation(tiny_config()).save_pretrained(seg_dir)
+    sam_dir = tmp_path / "sam"
+    SamModel(SamConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8,
+                           window_size=4, global_attn_indexes=[1], output_channels=32, num_pos_feats=16, mlp_dim=64),
+        prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+    )).save_pretrained(sam_dir)
+    task = _task(blob_dataset)
+    for name, ckpt, knob in (("seggpt", seg_dir, "seggpt.ensemble"), ("persam", sam_dir, "persam.kshot")):
+        search = PromptSearch(task, tmp_path / f"run-{name}", backend=name, checkpoint=str(ckpt), n_trials=2, max_k=2,
+                              strategies=["forward"], backend_options={"train_steps": 5} if name == "persam" else None)
+        search.fit()
+        assert knob in search.best_params_
+        art = load_prompt(search.best_prompt_)
+        assert art.backend["name"] == name and art.backend["checkpoint"] == str(ckpt)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .artifacts import RunState, atomic_write_json, check_run_dir, fingerprint, save_prompt
+from .artifacts import RunState, atomic_write_json, check_run_dir, fingerprint
 from .backends.base import Backend
 from .errors import ConfigError
 from .memory import format_bytes
@@ -91,7 +91,7 @@ def run_selection(
                          checkpoint=out / "state.json", progress=progress, index=index, k=k, diversity=diversity)
     main.fit(task.pool)
     main_calls = val_oracle.calls
-    per_query = strategy == "retrieval"  # each image has its own prompts: scored by assignment
+    per_query = main.per_query  # each image has its own prompts: baselines at its k per image
     k = main.k if per_query else len(main.selected_)  # type: ignore[attr-defined]
     if per_query and tuple(baselines) == DEFAULT_BASELINES:
         baselines = RETRIEVAL_BASELINES
@@ -99,8 +99,7 @@ def run_selection(
         log(f"resumed after {main.resumed_steps_} finished step(s) from {out / 'state.json'}")
 
     rows = [{"name": strategy, "selected": main.selected_ids_, "val_miou": main.score_,
-             "test_miou": (main.evaluate(test_oracle).miou if test_oracle else None) if per_query  # type: ignore[attr-defined]
-             else _test_score(test_oracle, main.selected_)}]
+             "test_miou": main.evaluate(test_oracle).miou if test_oracle is not None else None}]
     if strategy == "random":
         tests = [_test_score(test_oracle, d["selected"]) for d in main.draws_]  # type: ignore[attr-defined]
         rows[0]["test_miou_mean"] = float(np.nanmean([t for t in tests if t is not None])) if test_oracle else None
@@ -165,14 +164,8 @@ def run_selection(
     if strategy == "random":
         result["test_miou_mean"] = rows[0].get("test_miou_mean")
         result["test_miou_std"] = rows[0].get("test_miou_std")
-    if per_query:
-        main.pool_index().save(out / "index")  # type: ignore[attr-defined]
-        save_prompt(out, backend.config(), main.pool_, task.num_classes, task.category, kind="retrieval",  # type: ignore[attr-defined]
-                    extra={"strategy": strategy, "val_miou": main.score_, "test_miou": rows[0]["test_miou"],
-                           "index": "index", "k": k, "diversity": main.diversity})  # type: ignore[attr-defined]
-    else:
-        save_prompt(out, backend.config(), main.selected_, task.num_classes, task.category,
-                    extra={"strategy": strategy, "val_miou": main.score_, "test_miou": rows[0]["test_miou"]})
+    main.save_prompt(out, backend.config(), task.num_classes, task.category,
+                     extra={"strategy": strategy, "val_miou": main.score_, "test_miou": rows[0]["test_miou"]})
     atomic_write_json(out / "result.json", result)
     write_selection_report(out, result, task, main, test_oracle)
     return result
@@ -194,7 +187,7 @@ def write_selection_report(out: Path, result: dict[str, Any], task: Task, main: 
     figs.append(("Test mIoU of each strategy (random: mean ± std over seeds)",
                  plot_strategy_scores(rows, out / "strategies.png").name))
     figs.append(("Chosen prompts with their masks", plot_prompts(main.selected_, out / "prompts.png").name))
-    if test_oracle is not None and main.selected_ and result["strategy"] != "retrieval":
+    if test_oracle is not None and main.selected_ and not main.per_query:  # per-query prompts: no one set to show
         shown = test_oracle.samples[:6]
         probs = test_oracle.predict(main.selected_)[: len(shown)]
         labels = [prediction_to_labels(p).cpu().numpy() for p in probs]

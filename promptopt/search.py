@@ -42,14 +42,14 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import optuna
 
-from .artifacts import atomic_write_json, check_run_dir, fingerprint, load_prompt, save_prompt
+from .artifacts import atomic_write_json, check_run_dir, fingerprint, load_prompt
 from .backends.base import Backend, create_backend
 from .data import Sample
-from .errors import BudgetError, ConfigError, PromptOptError
+from .errors import BudgetError, ConfigError
 from .metrics import IoUAccumulator
 from .oracle import ValidationOracle
 from .strategies import ForwardSelector, RandomSearch
-from .strategies.base import ProgressFn
+from .strategies.base import ProgressFn, PromptStrategy
 from .task import Task
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -117,9 +117,9 @@ def _load_optional() -> None:
 
 
 # --- built-in strategies --------------------------------------------------------------------------
-def _save_fixed(ctx: SearchContext, selected: Sequence[Sample], strategy: str, val: float) -> Path:
-    return save_prompt(ctx.trial_dir, ctx.backend.config(), list(selected), ctx.task.num_classes, ctx.task.category,
-                       extra={"strategy": strategy, "val_miou": val})
+def _save(ctx: SearchContext, strategy: PromptStrategy) -> Path:
+    return strategy.save_prompt(ctx.trial_dir, ctx.backend.config(), ctx.task.num_classes, ctx.task.category,
+                                extra={"strategy": strategy.name, "val_miou": strategy.score_})  # type: ignore[attr-defined]
 
 
 def _forward(trial: optuna.Trial, ctx: SearchContext) -> TrialOutcome:
@@ -135,7 +135,7 @@ def _forward(trial: optuna.Trial, ctx: SearchContext) -> TrialOutcome:
 
     sel = ForwardSelector(ctx.oracle, memory_budget=ctx.extras.get("memory_budget"), max_prompts=k,
                           patience=patience, progress=ctx.progress, on_step=report).fit(ctx.task.pool)
-    path = _save_fixed(ctx, sel.selected_, "forward", sel.score_)
+    path = _save(ctx, sel)
     return TrialOutcome(sel.score_, path, sel.selected_ids_, {"stop_reason": sel.stop_reason_})
 
 
@@ -144,7 +144,7 @@ def _random_search(trial: optuna.Trial, ctx: SearchContext) -> TrialOutcome:
     n = trial.suggest_categorical("random-search.n_trials", [10, 30])
     sel = RandomSearch(ctx.oracle, min(k, len(ctx.task.pool)), n_trials=n, seed=trial.number,
                        progress=ctx.progress).fit(ctx.task.pool)
-    path = _save_fixed(ctx, sel.selected_, "random-search", sel.score_)
+    path = _save(ctx, sel)
     return TrialOutcome(sel.score_, path, sel.selected_ids_)
 
 

@@ -11,11 +11,12 @@ class, so any backend can sit behind it.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 from ..data import Sample
 from ..errors import ConfigError
-from ..oracle import ValidationOracle
+from ..oracle import OracleResult, ValidationOracle
 
 ProgressFn = Callable[[str, int, int], None]
 """progress(label, done, total): strategies report steps/candidates through it (the CLI draws bars)."""
@@ -30,6 +31,8 @@ class PromptStrategy:
     """Base class: subclasses implement :meth:`fit` and set ``selected_``, ``score_``, ``history_``."""
 
     name = "strategy"
+    #: True when every image gets its own prompts (retrieval): ``selected_`` is then the union used
+    per_query = False
 
     def __init__(self, oracle: ValidationOracle, progress: ProgressFn | None = None) -> None:
         self.oracle = oracle
@@ -51,6 +54,18 @@ class PromptStrategy:
     def _tick(self, label: str, done: int, total: int) -> None:
         if self.progress:
             self.progress(label, done, total)
+
+    def evaluate(self, oracle: ValidationOracle) -> OracleResult:
+        """Score the fitted prompts on another oracle's images (the held-out test split)."""
+        return oracle.score(self.selected_)  # type: ignore[attr-defined]
+
+    def save_prompt(self, run_dir: str | Path, backend_config: Mapping[str, Any], num_classes: int, category: str,
+                    extra: Mapping[str, Any] | None = None) -> Path:
+        """Write the fitted prompt as ``run_dir/prompt.json`` (a fixed prompt set; per-query strategies override)."""
+        from ..artifacts import save_prompt
+
+        return save_prompt(run_dir, dict(backend_config), self.selected_, num_classes, category,  # type: ignore[attr-defined]
+                           extra=dict(extra or {}))
 
     @property
     def selected_ids_(self) -> list[str]:

@@ -20,7 +20,7 @@ category: validation and test images can never leak into a prompt.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -88,6 +88,7 @@ class RetrievalSelector(PromptStrategy):
     """
 
     name = "retrieval"
+    per_query = True
 
     def __init__(self, oracle: ValidationOracle, index: EmbeddingIndex | str | Path, k: int = 4,
                  diversity: float = 0.0, encoder: Encoder | None = None, progress: ProgressFn | None = None) -> None:
@@ -146,6 +147,15 @@ class RetrievalSelector(PromptStrategy):
                 "index_type": self.index.kind, "index_count": len(self.index), "assignment": self.assignment_,
                 "pool_not_in_index": self.missing_from_index_}
 
+    def save_prompt(self, run_dir: str | Path, backend_config: Mapping[str, Any], num_classes: int, category: str,
+                    extra: Mapping[str, Any] | None = None) -> Path:
+        """``prompt.json`` of kind ``retrieval``: the pool examples plus a flat index over them in ``index/``."""
+        from ..artifacts import save_prompt
+
+        self.pool_index().save(Path(run_dir) / "index")
+        return save_prompt(run_dir, dict(backend_config), self.pool_, num_classes, category, kind="retrieval",
+                           extra={**dict(extra or {}), "index": "index", "k": self.k, "diversity": self.diversity})
+
     def pool_index(self) -> EmbeddingIndex:
         """A flat index over the fitted pool only (what a saved retrieval prompt carries)."""
         keys = [s.key for s in self.pool_]
@@ -185,7 +195,6 @@ def _search_retrieval(trial, ctx):
     Encoders that need weights are searched only when given as ``retrieval_encoders`` in the search extras.
     """
     from ..artifacts import fingerprint as _fp
-    from ..artifacts import save_prompt
     from ..embeddings import create_encoder
     from ..index import build_index
     from ..search import TrialOutcome
@@ -201,10 +210,8 @@ def _search_retrieval(trial, ctx):
         _SEARCH_INDEXES[key] = build_index(samples, create_encoder(name), kind="flat", masked=masked)
     sel = RetrievalSelector(ctx.oracle, _SEARCH_INDEXES[key], k=k, diversity=diversity,
                             progress=ctx.progress).fit(ctx.task.pool)
-    sel.pool_index().save(ctx.trial_dir / "index")
-    path = save_prompt(ctx.trial_dir, ctx.backend.config(), sel.pool_, ctx.task.num_classes, ctx.task.category,
-                       kind="retrieval", extra={"strategy": "retrieval", "val_miou": sel.score_, "index": "index",
-                                                "k": k, "diversity": diversity})
+    path = sel.save_prompt(ctx.trial_dir, ctx.backend.config(), ctx.task.num_classes, ctx.task.category,
+                           extra={"strategy": "retrieval", "val_miou": sel.score_})
     return TrialOutcome(sel.score_, path, sel.selected_ids_, {"encoder": spec})
 
 

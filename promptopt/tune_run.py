@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import matplotlib.pyplot as plt
 
-from .artifacts import atomic_write_bytes, atomic_write_json, check_run_dir, load_prompt, save_prompt
+from .artifacts import atomic_write_bytes, atomic_write_json, check_run_dir, load_prompt
 from .backends.base import Backend, Context
 from .data import Sample
 from .errors import ConfigError
@@ -25,10 +25,9 @@ from .memory import format_bytes
 from .oracle import prediction_to_labels
 from .report import figures_and_command, fmt, markdown_table, mask_overlay, plot_curves, plot_predictions, write_report
 from .strategies.base import ProgressFn
-from .strategies.tuning import ContextTuner, context_to_sample, save_contexts, score_contexts
+from .strategies.tuning import ContextTuner, context_to_sample, score_contexts
 from .task import Task
 
-CONTEXT_FILE = "context.safetensors"
 
 
 def resolve_init(task: Task, init: str | Path | None, shots: int | None, seed: int,
@@ -123,7 +122,6 @@ def run_tuning(
     if init_samples:
         examples = {"ids": [s.id for s in init_samples], "val_miou": val_oracle.score(init_samples).miou,
                     "test_miou": test_oracle.score(init_samples).miou if test_oracle else None}
-    save_contexts(out / CONTEXT_FILE, tuner.contexts_, {"category": task.category})
     result: dict[str, Any] = {
         "strategy": "tuning",
         "backend": backend.name,
@@ -153,10 +151,7 @@ def run_tuning(
         "wall_s": round(time.perf_counter() - t0, 3),
         "command": command,
     }
-    save_prompt(out, backend.config(), init_samples or [], task.num_classes, task.category, kind="tuned",
-                context_file=CONTEXT_FILE,
-                extra={"strategy": "tuning", "val_miou": result["val_miou"], "test_miou": result["test_miou"],
-                       "tuning": tuner.summary()})
+    tuner.save_prompt(out, backend.config(), task.category, extra={"test_miou": result["test_miou"]})
     atomic_write_json(out / "result.json", result)
     write_tuning_report(out, result, tuner, test_samples, tuned_test_score)
     return result

@@ -141,14 +141,10 @@ plt.tight_layout(); plt.show()
     code("""
 import tempfile
 from pathlib import Path
-from promptopt.artifacts import save_prompt
-from promptopt.strategies.tuning import save_contexts
 from promptopt.predict import predict_labels
 
 run = Path(tempfile.mkdtemp())
-save_contexts(run / "context.safetensors", tuner.contexts_)
-path = save_prompt(run, backend.config(), start, task.num_classes, task.category, kind="tuned",
-                   context_file="context.safetensors")
+path = tuner.save_prompt(run, backend.config(), task.category)   # prompt.json + context.safetensors
 labels = predict_labels(path, task.split.test[:3])
 direct = [p.argmax(0).numpy() for p in backend.predict(tuner.contexts_, task.split.test[:3], task.num_classes)]
 print("reloaded prediction equals the tuner's:", all((a == b).all() for a, b in zip(labels, direct)))

@@ -58,6 +58,7 @@ from .base import ProgressFn, comparable
 
 TUNE_TARGETS = ("image", "mask", "both")
 STATE_FILE = "tuning_state.pt"
+CONTEXT_FILE = "context.safetensors"
 _MASK_EPS = 0.01  # initial one-hot masks become (1 - eps) one-hot + eps uniform, so softmax logits are finite
 _IMAGE_EPS = 0.5 / 255.0  # initial images are clamped this far inside (0, 1) before the logit
 
@@ -550,6 +551,17 @@ class ContextTuner:
         self.elapsed_s_ = elapsed + run_s
         return self
 
+    def save_prompt(self, run_dir: str | Path, backend_config: dict[str, Any], category: str,
+                    extra: dict[str, Any] | None = None) -> Path:
+        """``prompt.json`` of kind ``tuned``: the learned contexts as safetensors beside copies of the start examples."""
+        from ..artifacts import save_prompt
+
+        save_contexts(Path(run_dir) / CONTEXT_FILE, self.contexts_, {"category": category})
+        return save_prompt(run_dir, backend_config, self._init_samples() or [], self.num_classes_, category,
+                           kind="tuned", context_file=CONTEXT_FILE,
+                           extra={"strategy": "tuned", "val_miou": self.score_, "tuning": self.summary(),
+                                  **(extra or {})})
+
     def summary(self) -> dict[str, Any]:
         """JSON-able description of the fitted result."""
         return {"strategy": self.name, "val_miou": self.score_, "initial_val_miou": self.initial_score_,
@@ -569,7 +581,6 @@ def context_to_sample(context: Context, id: str) -> Sample:
 
 def _search_tuned(trial, ctx):
     """Optuna search strategy "tuned": best single pool example, then context tuning with searched knobs."""
-    from ..artifacts import save_prompt
     from ..search import TrialOutcome
     from .baselines import BestSingle
 
@@ -581,10 +592,7 @@ def _search_tuned(trial, ctx):
     tuner = ContextTuner(ctx.backend, init=init, steps=steps, lr=lr, tune=tune, warmup=max(1, steps // 10),
                          eval_every=max(1, steps // 3), patience=None,
                          memory_budget=ctx.extras.get("memory_budget"), progress=ctx.progress).fit(train, ctx.oracle)
-    save_contexts(ctx.trial_dir / "context.safetensors", tuner.contexts_)
-    path = save_prompt(ctx.trial_dir, ctx.backend.config(), init, ctx.task.num_classes, ctx.task.category,
-                       kind="tuned", context_file="context.safetensors",
-                       extra={"strategy": "tuned", "val_miou": tuner.score_, "tuning": tuner.summary()})
+    path = tuner.save_prompt(ctx.trial_dir, ctx.backend.config(), ctx.task.category)
     return TrialOutcome(tuner.score_, path, [s.id for s in init],
                         {"initial_val_miou": tuner.initial_score_, "best_step": tuner.best_step_})
 

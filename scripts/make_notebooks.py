@@ -239,6 +239,8 @@ plt.tight_layout(); plt.show()
 def write(name: str, cells: list) -> Path:
     nb = nbformat.v4.new_notebook()
     nb.cells = cells
+    for i, cell in enumerate(nb.cells):  # stable ids: regenerating a notebook changes only what changed
+        cell.id = f"cell-{i:02d}"
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     path = ROOT / "notebooks" / name
     nbformat.write(nb, path)

@@ -30,7 +30,7 @@ import torch
 from promptopt.backends import create_backend
 from promptopt.data import load_dataset, split_samples
 from promptopt.oracle import ValidationOracle
-from promptopt.runs import run_selection
+from promptopt.run import run_strategy
 from promptopt.strategies import ForwardSelector
 from promptopt.task import Task
 
@@ -76,12 +76,14 @@ def quality(args) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for ds, cat, split in jobs:
         task = Task.from_dataset(ds, cat, seed=0, **split)
-        res = run_selection(task, create_backend("features"), Path(args.out) / "forward_quality" / cat,
-                            max_prompts=args.k)
+        t0 = time.perf_counter()
+        res = run_strategy(task, create_backend("features"), Path(args.out) / "forward_quality" / cat, "forward",
+                           {"max_prompts": args.k})
         b = res["baselines"]
         row = {"object": cat, "k": len(res["selected"]), "forward": res["test_miou"],
-               **{n: b[n]["test_miou"] for n in names}, "random_std": b["random"]["test_miou_std"],
-               "wall_s": res["wall_s"], "forward_val": res["val_miou"]}
+               **{n: b[n]["extra"]["test"].get("mean", b[n]["test_miou"]) for n in names},
+               "random_std": b["random"]["extra"]["test"]["std"], "wall_s": time.perf_counter() - t0,
+               "forward_val": res["val_miou"]}
         rows.append(row)
         print(f"| {cat} | {row['k']} | {row['forward']:.3f} | {row['random']:.3f} ± {row['random_std']:.3f} | "
               f"{row['best-single']:.3f} | {row['random-search']:.3f} | {row['worst-case']:.3f} | {row['wall_s']:.0f} |",

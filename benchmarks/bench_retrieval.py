@@ -39,12 +39,12 @@ def run_category(ds, cat: str, k: int, seeds: int, forward: bool, max_side: int)
     idx = build_index(ds.samples(cat), enc)
     row: dict = {"category": cat, "pool": len(task.pool), "val": len(task.split.val), "test": len(task.split.test), "k": k}
     for div in (0.0, 0.5):
-        sel = RetrievalSelector(val, idx, k=k, diversity=div, encoder=enc).fit(task.pool)
+        sel = RetrievalSelector(val, index=idx, k=k, diversity=div, encoder=enc).fit(task.pool)
         row[f"retrieval_d{div:g}_val"] = sel.score_
         row[f"retrieval_d{div:g}_test"] = sel.evaluate(test).miou
-    rnd = RandomK(val, k, seeds=seeds).fit(task.pool)
-    tests = [test.score(d["selected"]).miou for d in rnd.draws_]
-    row["random_val"], row["random_test"], row["random_test_std"] = rnd.score_mean_, float(np.mean(tests)), float(np.std(tests))
+    rnd = RandomK(val, k=k, seeds=seeds).fit(task.pool)
+    on_test = rnd.extra_scores(test)
+    row["random_val"], row["random_test"], row["random_test_std"] = rnd.extra_scores(val)["mean"], on_test["mean"], on_test["std"]
     if forward:
         fw = ForwardSelector(val, max_prompts=k).fit(task.pool)
         row["forward_val"], row["forward_test"], row["forward_k"] = fw.score_, test.score(fw.selected_).miou, len(fw.selected_)

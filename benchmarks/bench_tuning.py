@@ -33,7 +33,7 @@ import torch
 from promptopt.backends import create_backend
 from promptopt.data import load_dataset
 from promptopt.strategies import BestSingle
-from promptopt.strategies.tuning import ContextTuner, score_contexts
+from promptopt.strategies.tuning import ContextTuner
 from promptopt.task import Task
 
 
@@ -48,16 +48,15 @@ def cpu_part(args) -> dict:
         backend = create_backend("features", **opts)
         val_o, test_o = task.oracles(backend)
         init = BestSingle(val_o).fit(task.pool).selected_
-        train = [s for s in task.pool if s.id != init[0].id]
-        tuner = ContextTuner(backend, init=init, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        tuner = ContextTuner(val_o, init=init, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                              warmup=max(1, args.steps // 10), eval_every=args.eval_every, patience=None,
-                             context_side=args.context_side).fit(train, val_o)
+                             context_side=args.context_side).fit(task.pool)
         row = {
             "object": cat, "pool": len(task.pool), "val": len(task.split.val), "test": len(task.split.test),
             "init": init[0].id,
             "test_examples": test_o.score(init).miou,
-            "test_start": score_contexts(backend, tuner.initial_contexts_, test_o.samples, task.num_classes).miou,
-            "test_tuned": score_contexts(backend, tuner.contexts_, test_o.samples, task.num_classes).miou,
+            "test_start": tuner.extra_scores(test_o)["start"],
+            "test_tuned": tuner.evaluate(test_o).miou,
             "val_start": tuner.initial_score_, "val_tuned": tuner.score_, "best_step": tuner.best_step_,
             "s_per_step": tuner.seconds_per_step_, "wall_s": time.perf_counter() - t0,
         }
@@ -95,11 +94,14 @@ def cuda_part(args) -> dict | None:
                 opts = {**json.loads(args.seggpt_options), "device": "cuda", "dtype": dtype,
                         "checkpointing": ckpt}
                 backend = create_backend("seggpt", tmp, opts)
-                tuner = ContextTuner(backend, init=task.pool[:1], steps=args.cuda_steps, batch_size=args.batch_size,
+                from promptopt.oracle import ValidationOracle
+
+                tuner = ContextTuner(ValidationOracle(backend, task.split.val[:1], task.num_classes),
+                                     init=task.pool[:1], steps=args.cuda_steps, batch_size=args.batch_size,
                                      warmup=1, eval_every=10**9, patience=None)
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-                tuner.fit(task.pool[1:], task.split.val[:1])
+                tuner.fit(task.pool)
                 torch.cuda.synchronize()
                 row = {"dtype": dtype, "activation_checkpointing": ckpt, "s_per_step": tuner.seconds_per_step_,
                        "peak_bytes": int(torch.cuda.max_memory_allocated()), "batch_size": args.batch_size}

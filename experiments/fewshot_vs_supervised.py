@@ -14,7 +14,10 @@ Run (one command, resumable — finished units are kept in results.json)::
     python experiments/fewshot_vs_supervised.py --config experiments/configs/weizmann_horse.json
 
 Output in ``experiments/results/<name>/``: results.json (every unit), table.md,
-mIoU_vs_n.png (U-Net curve, few-shot strategies as horizontal lines).
+mIoU_vs_n.png (U-Net curve, few-shot strategies as horizontal lines). The
+folder is a promptopt run (``state.json``): killed and rerun, it continues after
+the last finished unit. Few-shot lines are registered strategies, named in the
+config's ``few_shot`` as ``{"label": {"strategy": NAME, ...its options}}``.
 """
 
 from __future__ import annotations
@@ -34,22 +37,13 @@ sys.path.insert(0, str(HERE.parent))
 
 from supervised_unet import TrainConfig, evaluate_unet, train_unet  # noqa: E402
 
-from promptopt.artifacts import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from promptopt.artifacts import atomic_write_json, atomic_write_text  # noqa: E402
 from promptopt.backends import create_backend  # noqa: E402
 from promptopt.data import Sample, Split, load_dataset, split_samples  # noqa: E402
 from promptopt.report import markdown_table  # noqa: E402
-from promptopt.strategies import ForwardSelector, RandomK  # noqa: E402
+from promptopt.run import Run  # noqa: E402
+from promptopt.strategies import make_strategy  # noqa: E402
 from promptopt.task import Task  # noqa: E402
-
-FewShot = Callable[[Task, dict[str, Any]], dict[str, Any]]
-FEW_SHOT: dict[str, FewShot] = {}
-
-
-def few_shot(name: str) -> Callable[[FewShot], FewShot]:
-    def deco(fn: FewShot) -> FewShot:
-        FEW_SHOT[name] = fn
-        return fn
-    return deco
 
 
 def make_backend(cfg: dict[str, Any], **extra_options: Any):
@@ -58,32 +52,18 @@ def make_backend(cfg: dict[str, Any], **extra_options: Any):
                           {**(cfg.get("backend_options") or {}), **extra_options})
 
 
-@few_shot("random")
-def _random(task: Task, cfg: dict[str, Any]) -> dict[str, Any]:
-    be = make_backend(cfg)
+def few_shot(task: Task, cfg: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """One few-shot line: a registered strategy (``entry["strategy"]`` and its options) fitted on the labelled
+    pool/val split, scored once on the shared test images."""
+    options = {k: v for k, v in entry.items() if k not in ("strategy", "backend_options")}
+    be = make_backend(cfg, **entry.get("backend_options", {}))
     val, test = task.oracles(be)
-    k = int(cfg.get("k", 4))
-    r = RandomK(val, k, seeds=int(cfg.get("random_seeds", 5))).fit(task.pool)
-    tests = [test.score(d["selected"]).miou for d in r.draws_]
-    return {"test_miou": float(np.mean(tests)), "test_miou_std": float(np.std(tests)), "k": k, "labels_used": k}
-
-
-@few_shot("forward")
-def _forward(task: Task, cfg: dict[str, Any]) -> dict[str, Any]:
-    be = make_backend(cfg)
-    val, test = task.oracles(be)
-    f = ForwardSelector(val, max_prompts=int(cfg.get("max_prompts", 8))).fit(task.pool)
-    return {"test_miou": test.score(f.selected_).miou, "val_miou": f.score_, "k": len(f.selected_),
-            "selected": f.selected_ids_, "labels_used": len(task.pool) + len(task.split.val)}
-
-
-def _optional_strategies() -> None:
-    """Retrieval and tuned context join when their modules exist (they register themselves here)."""
-    try:
-        import fewshot_extra  # experiments/fewshot_extra.py
-    except ImportError:
-        return
-    FEW_SHOT.update(fewshot_extra.STRATEGIES)
+    sel = make_strategy(entry["strategy"], val, **options).fit(task.pool)
+    scored = sel.evaluate(test)
+    extra = sel.extra_scores(test)
+    return {"test_miou": extra.get("mean", scored.miou), "test_miou_std": extra.get("std"), "val_miou": sel.score_,
+            "k": len(sel.selected_), "selected": sel.selected_ids_,
+            "labels_used": len(task.pool) + len(task.split.val)}
 
 
 def _labelled_and_test(samples: list[Sample], cfg: dict[str, Any]) -> tuple[list[Sample], list[Sample]]:
@@ -94,23 +74,27 @@ def _labelled_and_test(samples: list[Sample], cfg: dict[str, Any]) -> tuple[list
     return sp.pool, sp.test
 
 
-def run(config_path: Path, out_dir: Path | None = None, log: Callable[[str], None] = lambda m: print(m, flush=True)) -> dict[str, Any]:
+def run(config_path: Path, out_dir: Path | None = None, log: Callable[[str], None] = lambda m: print(m, flush=True),
+        restart: bool = False) -> dict[str, Any]:
+    """Every unit of the config (resumable: finished units are kept in the run's state), then the summary."""
     cfg = json.loads(Path(config_path).read_text())
     name = cfg["name"]
     out = out_dir or HERE / "results" / name
-    out.mkdir(parents=True, exist_ok=True)
     data_root = (Path(config_path).parent / cfg["data"]).resolve() if not Path(cfg["data"]).is_absolute() else Path(cfg["data"])
     ds = load_dataset(data_root, category=cfg.get("categories"))
-    results_path = out / "results.json"
-    done: dict[str, Any] = read_json(results_path)["units"] if results_path.is_file() else {}
-    _optional_strategies()
+    run = Run(out, {"kind": "experiment", "config": cfg, "data_root": str(data_root)}, restart=restart)
+    if run.finished:
+        return run.result()
+    done: dict[str, Any] = {}
 
     def unit(key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        if key not in done:
+        def timed() -> dict[str, Any]:
             t0 = time.perf_counter()
-            done[key] = {**fn(), "wall_s": round(time.perf_counter() - t0, 2)}
-            atomic_write_json(results_path, {"config": cfg, "units": done})
-            log(f"{key}: test mIoU {done[key]['test_miou']:.4f} ({done[key]['wall_s']:.1f} s)")
+            res = fn()
+            log(f"{key}: test mIoU {res['test_miou']:.4f} ({time.perf_counter() - t0:.1f} s)")
+            return res
+
+        done[key] = run.step(key, timed)
         return done[key]
 
     for cat in ds.categories:
@@ -120,11 +104,8 @@ def run(config_path: Path, out_dir: Path | None = None, log: Callable[[str], Non
         # few-shot strategies choose from the labelled images only and are scored on the shared test images
         task = Task(category=cat, split=Split(pool=inner.pool, val=inner.val, test=test),
                     num_classes=ds.num_classes(cat), data_root=data_root)
-        for strat in cfg.get("few_shot", ["random", "forward"]):
-            if strat in FEW_SHOT:
-                unit(f"{cat}/few-shot/{strat}", lambda s=strat: FEW_SHOT[s](task, cfg))
-            else:
-                log(f"{cat}: few-shot strategy {strat!r} is not available here; skipped")
+        for label, entry in cfg.get("few_shot", {}).items():
+            unit(f"{cat}/few-shot/{label}", lambda e=entry: few_shot(task, cfg, e))
         tc = TrainConfig(**{**cfg.get("unet", {}), "size": tuple(cfg.get("unet", {}).get("size", (128, 128)))})
         for n in cfg["n_values"]:
             if n > len(labelled):
@@ -137,16 +118,15 @@ def run(config_path: Path, out_dir: Path | None = None, log: Callable[[str], Non
                                        TrainConfig(**{**tc.__dict__, "seed": seed}))
                     return {"test_miou": evaluate_unet(model, test, ds.num_classes(cat), tc.size), "n": n, "seed": seed}
                 unit(f"{cat}/unet/n={n}/seed={seed}", train)
-    summary = summarise(done, ds.categories, out, cfg)
-    return summary
+    atomic_write_json(out / "results.json", {"config": cfg, "units": done})
+    return run.finish(summarise(done, ds.categories, out, cfg), {})
 
 
 def summarise(units: dict[str, Any], categories: list[str], out: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """Average over categories: U-Net mIoU per n (mean over seeds) and each few-shot strategy's mIoU."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from promptopt.plots import save_figure
 
     unet: dict[int, list[float]] = {}
     fs: dict[str, list[float]] = {}
@@ -173,8 +153,7 @@ def summarise(units: dict[str, Any], categories: list[str], out: Path, cfg: dict
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "mIoU_vs_n.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / "mIoU_vs_n.png", dpi=100)
     rows = [[f"U-Net n={n}", curve[n], len(unet[n])] for n in ns] + \
            [[f"few-shot {k}", v, len(fs[k])] for k, v in sorted(lines.items())]
     md = (f"# {cfg['name']}: test mIoU, mean over {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}\n\n"
@@ -187,8 +166,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--restart", action="store_true", help="replace a run of another config in --out")
     args = ap.parse_args()
-    summary = run(args.config, args.out)
+    summary = run(args.config, args.out, restart=args.restart)
     print(json.dumps(summary, indent=1))
 
 

@@ -6,10 +6,12 @@ can read without the run that made it:
 * ``prompt.json`` names the backend (registry name, checkpoint, options), the
   number of classes and the prompt examples. The prompt images and masks are
   copied next to it (``prompts/``), so the artifact does not depend on where
-  the dataset lives. A learned context (context tuning) is a safetensors file
-  beside it, and any strategy-specific data goes in ``extra``.
-* ``result.json`` holds scores and metadata; ``state.json`` the progress of an
-  interruptible run.
+  the dataset lives. Learned tensors are safetensors files beside it: the
+  backend's learned state for the kept examples (``learned.safetensors``,
+  e.g. PerSAM-F's weights) and a tuned context (``extra.context_file``); any
+  other strategy-specific data goes in ``extra``.
+* ``result.json`` holds scores and metadata; a run's ``state.json`` its
+  progress (see :mod:`promptopt.run`).
 
 Every write goes to a temporary file in the same folder, is flushed to disk and
 then renamed over the target (``os.replace`` is atomic on POSIX and Windows), so
@@ -19,10 +21,10 @@ an interrupted run leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,18 +34,31 @@ import numpy as np
 from PIL import Image
 
 from .data import Sample
-from .errors import ConfigError, DataError
+from .errors import DataError
 
 PROMPT_FORMAT = "promptopt-prompt"
-PROMPT_VERSION = 1
+PROMPT_VERSION = 2
+LEARNED_FILE = "learned.safetensors"
+
+
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+
+    The file gets the permissions any file the user creates gets (``mkstemp``'s
+    private 0600 would hide results from the user's group).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -85,9 +100,13 @@ def _clean_floats(obj: Any) -> Any:
     return obj
 
 
+def jsonable(data: Any) -> Any:
+    """``data`` as it reads back from a JSON file we write (numpy scalars as numbers, NaN/inf as null)."""
+    return _clean_floats(json.loads(json.dumps(data, default=_json_default)))
+
+
 def atomic_write_json(path: str | Path, data: Any) -> Path:
-    text = json.dumps(_clean_floats(json.loads(json.dumps(data, default=_json_default))), indent=2, sort_keys=False)
-    return atomic_write_text(path, text + "\n")
+    return atomic_write_text(path, json.dumps(jsonable(data), indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
@@ -105,8 +124,6 @@ def save_png_mask(path: str | Path, mask: np.ndarray) -> Path:
     mask = np.asarray(mask)
     if mask.min(initial=0) < 0 or mask.max(initial=0) > 255:
         raise ValueError("PNG masks hold class ids 0..255")
-    import io
-
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8), mode="L").save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
@@ -120,7 +137,7 @@ def fingerprint(obj: Any) -> str:
 
 @dataclass
 class PromptArtifact:
-    """A saved prompt: backend description, classes, example files and optional extras."""
+    """A saved prompt: backend description, classes, example files, learned tensors and extras."""
 
     path: Path
     backend: dict[str, Any]
@@ -128,7 +145,7 @@ class PromptArtifact:
     category: str
     examples: list[dict[str, str]]
     kind: str = "fixed"
-    context_file: str | None = None
+    learned_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def samples(self) -> list[Sample]:
@@ -144,11 +161,40 @@ class PromptArtifact:
     def ids(self) -> list[str]:
         return [e["id"] for e in self.examples]
 
+    @property
+    def context_file(self) -> str | None:
+        """Learned context tensors (context tuning), relative to the artifact's folder."""
+        return self.extra.get("context_file")
+
     def build_backend(self, **overrides: Any):
-        """Rebuild the backend the prompt was made for (overrides such as ``device`` are passed on)."""
+        """Rebuild the backend the prompt was made for, with its learned state (``device`` etc. as overrides)."""
         from .backends.base import backend_from_config
 
-        return backend_from_config(self.backend, **overrides)
+        backend = backend_from_config(self.backend, **overrides)
+        if self.learned_file:
+            backend.load_learned_state(load_tensors(self.path.parent / self.learned_file))
+        return backend
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Any]) -> Path:
+    """Tensors as a safetensors file, atomically."""
+    from safetensors.torch import save
+
+    return atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def load_tensors(path: str | Path) -> dict[str, Any]:
+    """A safetensors file as a dict of CPU tensors, or a DataError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    try:
+        return load(path.read_bytes())
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (SafetensorError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def save_prompt(
@@ -158,11 +204,12 @@ def save_prompt(
     num_classes: int,
     category: str = "",
     kind: str = "fixed",
-    context_file: str | None = None,
+    learned: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     name: str = "prompt.json",
 ) -> Path:
-    """Write ``prompt.json`` with copies of the prompt images and masks under ``prompts/``."""
+    """Write ``prompt.json`` with copies of the prompt images and masks under ``prompts/``
+    and the backend's ``learned`` tensors (if any) in ``learned.safetensors``; prompt.json last."""
     run_dir = Path(run_dir)
     out_dir = run_dir / "prompts"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,13 +218,9 @@ def save_prompt(
         stem = s.id
         if s.path is not None:
             img_rel = f"prompts/{stem}{s.path.suffix.lower()}"
-            tmp = out_dir / f".{stem}.copy"
-            shutil.copyfile(s.path, tmp)
-            os.replace(tmp, run_dir / img_rel)
+            atomic_write_bytes(run_dir / img_rel, Path(s.path).read_bytes())
         else:
             img_rel = f"prompts/{stem}.png"
-            import io
-
             buf = io.BytesIO()
             Image.fromarray(s.image).save(buf, format="PNG")
             atomic_write_bytes(run_dir / img_rel, buf.getvalue())
@@ -185,6 +228,11 @@ def save_prompt(
         save_png_mask(run_dir / mask_rel, s.mask)
         examples.append({"id": s.id, "image": img_rel, "mask": mask_rel,
                          "source": str(s.path) if s.path is not None else None})
+    if learned:
+        save_tensors(run_dir / LEARNED_FILE, learned)
+    palette = source_palette(prompts)
+    if palette is not None:
+        extra = {"palette": palette, **(extra or {})}
     doc = {
         "format": PROMPT_FORMAT,
         "version": PROMPT_VERSION,
@@ -193,77 +241,67 @@ def save_prompt(
         "num_classes": int(num_classes),
         "category": category,
         "examples": examples,
-        "context_file": context_file,
+        "learned_file": LEARNED_FILE if learned else None,
         "extra": extra or {},
     }
     return atomic_write_json(run_dir / name, doc)
 
 
+def source_palette(samples: Sequence[Sample]) -> list[int] | None:
+    """The colour palette of the examples' mask files when they are palette PNGs (VOC style), else None:
+    predictions of a multi-class prompt are then written in the dataset's own colours."""
+    for s in samples:
+        if s.mask_path is None or s.mask_path.suffix.lower() != ".png":
+            continue
+        try:
+            with Image.open(s.mask_path) as im:
+                if im.mode == "P" and im.getpalette():
+                    return [int(v) for v in im.getpalette()[:768]]
+        except OSError:
+            continue
+    return None
+
+
 def load_prompt(path: str | Path) -> PromptArtifact:
-    """Read a ``prompt.json`` (or a run folder containing one) and check that its files exist."""
+    """Read a ``prompt.json`` (or a run folder containing one) and check its fields and files."""
     path = Path(path)
     if path.is_dir():
         path = path / "prompt.json"
     doc = read_json(path)
     if not isinstance(doc, dict) or doc.get("format") != PROMPT_FORMAT:
         raise DataError(f"{path}: not a promptopt prompt file (no \"format\": \"{PROMPT_FORMAT}\")")
-    if doc.get("version", 0) > PROMPT_VERSION:
-        raise DataError(f"{path}: written by a newer promptopt (format version {doc['version']})")
-    for key in ("backend", "num_classes", "examples"):
+    version = doc.get("version", 0)
+    if not isinstance(version, int) or version > PROMPT_VERSION:
+        raise DataError(f"{path}: written by a newer promptopt (format version {version})")
+    for key, kind in (("backend", dict), ("num_classes", int), ("examples", list)):
         if key not in doc:
             raise DataError(f"{path}: missing field {key!r}")
+        if not isinstance(doc[key], kind) or isinstance(doc[key], bool):
+            raise DataError(f"{path}: field {key!r} must be {'an integer' if kind is int else 'a ' + kind.__name__}, "
+                            f"got {doc[key]!r}")
+    if doc["num_classes"] < 2:
+        raise DataError(f"{path}: num_classes must be at least 2, got {doc['num_classes']}")
+    if not isinstance(doc["backend"].get("name"), str):
+        raise DataError(f"{path}: field 'backend' names no backend")
+    extra = doc.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise DataError(f"{path}: field 'extra' must be an object")
+    if version < 2 and doc.get("context_file"):  # version 1 kept the tuned context's file at the top level
+        extra = {**extra, "context_file": doc["context_file"]}
     art = PromptArtifact(
-        path=path, backend=doc["backend"], num_classes=int(doc["num_classes"]), category=doc.get("category", ""),
-        examples=list(doc["examples"]), kind=doc.get("kind", "fixed"), context_file=doc.get("context_file"),
-        extra=doc.get("extra") or {},
+        path=path, backend=doc["backend"], num_classes=doc["num_classes"], category=str(doc.get("category", "")),
+        examples=list(doc["examples"]), kind=str(doc.get("kind", "fixed")), learned_file=doc.get("learned_file"),
+        extra=extra,
     )
     for e in art.examples:
+        if not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in ("id", "image", "mask")):
+            raise DataError(f"{path}: every example needs string fields id, image and mask; got {e!r}")
         for k in ("image", "mask"):
             if not (path.parent / e[k]).is_file():
                 raise DataError(f"{path}: prompt {e['id']} refers to missing file {path.parent / e[k]}")
-    if art.context_file and not (path.parent / art.context_file).is_file():
-        raise DataError(f"{path}: learned context file {path.parent / art.context_file} is missing")
+    for rel in (art.context_file, art.learned_file):
+        if rel is not None and not (path.parent / rel).is_file():
+            raise DataError(f"{path}: learned tensor file {path.parent / rel} is missing")
+    if not art.examples and not art.context_file:
+        raise DataError(f"{path}: holds no prompt examples and no learned context")
     return art
-
-
-class RunState:
-    """Progress of an interruptible run, in ``<run_dir>/<name>`` (default ``state.json``).
-
-    A state is only reused when its fingerprint (a hash of everything that
-    determines the run's answer: data split, backend config, strategy options)
-    matches; otherwise the run starts over and says why.
-    """
-
-    def __init__(self, run_dir: str | Path, fingerprint_: str, name: str = "state.json") -> None:
-        self.path = Path(run_dir) / name
-        self.fingerprint = fingerprint_
-
-    def load(self) -> dict[str, Any] | None:
-        if not self.path.is_file():
-            return None
-        try:
-            doc = json.loads(self.path.read_text())
-        except json.JSONDecodeError:
-            return None
-        if doc.get("fingerprint") != self.fingerprint:
-            return None
-        return doc.get("data")
-
-    def save(self, data: dict[str, Any]) -> None:
-        atomic_write_json(self.path, {"fingerprint": self.fingerprint, "data": data})
-
-    def exists_with_other_fingerprint(self) -> bool:
-        if not self.path.is_file():
-            return False
-        try:
-            return json.loads(self.path.read_text()).get("fingerprint") != self.fingerprint
-        except json.JSONDecodeError:
-            return True
-
-
-def check_run_dir(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{run_dir}: exists and is not a folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir

@@ -1,22 +1,26 @@
 """The ``promptopt`` command: parses options, calls the Python API, prints results.
 
-No logic lives here that the API lacks. Every user error surfaces as one line
+No logic lives here that the API lacks: every command is a few lines over
+:mod:`promptopt.run`, :mod:`promptopt.search`, :mod:`promptopt.predict` and
+:mod:`promptopt.index`. Option blocks shared by several commands (the task,
+the backend, the run folder) are declared once as dataclasses and added to each
+command's signature by :func:`takes`. Every user error surfaces as one line
 ``error: ...`` naming the file or option at fault (exit code 2), never as a
 traceback.
 """
 
-from __future__ import annotations
-
+import dataclasses
+import functools
+import inspect
 import json
 import shlex
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .errors import ConfigError, PromptOptError
@@ -27,21 +31,28 @@ console = Console(stderr=True)
 out_console = Console()
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(2)
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn promptopt's own errors (bad files, ids, options) into a one-line message and exit code 2."""
+    """Turn promptopt's own errors and environment problems into a one-line message and exit code 2."""
     try:
         yield
     except PromptOptError as exc:
-        _fail(exc)
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except OSError as exc:  # a folder that is not writable, a path that is a file, a full disk, ...
+        where = exc.filename or "output"
+        _fail(f"{where}: {exc.strerror or exc}")
     except KeyboardInterrupt:
         console.print("interrupted: finished steps are saved; run the same command again to resume")
         raise typer.Exit(130)
+
+
+def _command_line() -> str:
+    return "promptopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def _size(text: Optional[str]) -> float | int | None:
@@ -53,12 +64,12 @@ def _size(text: Optional[str]) -> float | int | None:
         raise ConfigError(f"split size {text!r} must be a count (10) or a fraction (0.25)") from None
 
 
-def _options(pairs: Optional[List[str]]) -> dict[str, Any]:
-    """--option key=value (value parsed as JSON when it can be: numbers, lists, true/false)."""
+def _options(pairs: Optional[List[str]], flag: str = "--option") -> dict[str, Any]:
+    """key=value pairs (value parsed as JSON when it can be: numbers, lists, true/false)."""
     out: dict[str, Any] = {}
     for p in pairs or []:
         if "=" not in p:
-            raise ConfigError(f"--option {p!r}: write key=value")
+            raise ConfigError(f"{flag} {p!r}: write key=value")
         k, v = p.split("=", 1)
         try:
             out[k.strip()] = json.loads(v)
@@ -67,318 +78,308 @@ def _options(pairs: Optional[List[str]]) -> dict[str, Any]:
     return out
 
 
+def _opt(default: Any, *decls: str, help: str) -> Any:
+    return dataclasses.field(default=typer.Option(default, *decls, help=help))
+
+
+# --- option blocks, declared once ---------------------------------------------------------------------
+@dataclasses.dataclass
+class TaskArgs:
+    """Which labelled images, split how."""
+
+    data: Path = _opt(..., "--data", help="Dataset root <root>/<category>/{images,masks}/ (or <root>/{images,masks}/).")
+    category: Optional[str] = _opt(None, "--category", help="Category (sub-folder) to use; default: every category.")
+    split_seed: int = _opt(0, "--split-seed", help="Seed of the pool/val/test split.")
+    pool: str = _opt("0.5", "--pool", help="Prompt pool size: count or fraction.")
+    val: str = _opt("0.25", "--val", help="Validation size: count or fraction.")
+    test: Optional[str] = _opt(None, "--test", help="Test size: count or fraction (default: the rest).")
+    num_classes: Optional[int] = _opt(None, "--num-classes", help="Classes incl. background; larger mask ids are an error.")
+    mask_mode: str = _opt("auto", "--mask-mode", help="auto, binary or classes (see the README's mask table).")
+
+    def dataset(self):
+        from .data import load_dataset
+
+        return load_dataset(self.data, category=self.category, mask_mode=self.mask_mode, num_classes=self.num_classes)
+
+    def task(self, dataset, category: str):
+        from .task import Task
+
+        return Task.from_dataset(dataset, category, pool=_size(self.pool), val=_size(self.val), test=_size(self.test),
+                                 seed=self.split_seed)
+
+
+@dataclasses.dataclass
+class BackendArgs:
+    """Which segmenter."""
+
+    backend: str = _opt("features", "--backend", help="Segmenter: features (weight-free), seggpt, persam.")
+    checkpoint: Optional[str] = _opt(None, "--checkpoint", help="Model id or local folder for seggpt/persam.")
+    option: Optional[List[str]] = _opt(None, "--option", help="Backend option key=value (repeatable).")
+    device: Optional[str] = _opt(None, "--device", help="torch device for the backend, e.g. cuda or cuda:1.")
+
+    def spec(self):
+        from .backends import BackendSpec
+
+        opts = _options(self.option)
+        if self.device:
+            opts["device"] = check_device(self.device)
+        return BackendSpec(self.backend, self.checkpoint, opts)
+
+
+@dataclasses.dataclass
+class RunArgs:
+    """Where a run goes and how it resumes."""
+
+    out: Path = _opt(..., "--out", help="Run folder (created; rerun the same command to resume).")
+    restart: bool = _opt(False, "--restart", help="Replace a different or damaged run in --out instead of refusing.")
+    memory_budget: Optional[str] = _opt(None, "--memory-budget", help="Peak device memory allowed, e.g. 8GiB, 512MB.")
+    quiet: bool = _opt(False, "--quiet", help="No progress bars or progress lines.")
+
+
+def takes(**blocks: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the fields of option-block dataclasses to a command's signature; pass each block as one object."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.name not in blocks]
+        hints = {}
+        for cls in blocks.values():
+            types = typing_hints(cls)
+            for f in dataclasses.fields(cls):
+                params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                                annotation=types[f.name]))
+                hints[f.name] = types[f.name]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            for name, cls in blocks.items():
+                kwargs[name] = cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls)})
+            return fn(**kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {**{p.name: p.annotation for p in params if p.name not in hints}, **hints}
+        del wrapper.__wrapped__  # typer must read the new signature, not the wrapped function's
+        return wrapper
+
+    return deco
+
+
+def typing_hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def check_device(device: str) -> str:
+    """A torch device string that exists here, or a ConfigError naming --device."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device!r}: not a torch device (use cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {device}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {device!r}: promptopt runs on cpu, cuda or mps")
+    return device
+
+
 @contextmanager
-def progress_bars(enabled: bool = True):
-    """A rich progress display; yields a ``progress(label, done, total)`` callback for strategies."""
-    if not enabled or not sys.stderr.isatty():
-        yield None
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as prog:
-        tasks: dict[str, Any] = {}
+def progress(quiet: bool) -> Iterator[Any]:
+    from .progress import progress_reporter
 
-        def update(label: str, done: int, total: int) -> None:
-            if label not in tasks:
-                tasks[label] = prog.add_task(label, total=total)
-            prog.update(tasks[label], completed=done, total=total)
-
-        yield update
+    with progress_reporter(quiet=quiet) as prog:
+        yield prog
 
 
-def _task_and_backend(data: Path, category: Optional[str], backend: str, checkpoint: Optional[str],
-                      option: Optional[List[str]], split_seed: int, pool: str, val: str, test: Optional[str],
-                      num_classes: Optional[int], mask_mode: str, device: Optional[str]):
-    from .backends import create_backend
-    from .task import Task
-
-    task = Task.from_folder(data, category, mask_mode=mask_mode, num_classes=num_classes, pool=_size(pool),
-                            val=_size(val), test=_size(test), seed=split_seed)
-    opts = _options(option)
-    if device:
-        opts["device"] = device
-    return task, create_backend(backend, checkpoint, opts)
-
-
-DataOpt = typer.Option(..., "--data", help="Dataset root: <root>/<category>/{images,masks}/ or <root>/{images,masks}/.")
-CategoryOpt = typer.Option(None, "--category", help="Category (sub-folder) to use.")
-BackendOpt = typer.Option("features", "--backend", help="Segmenter: features (weight-free), seggpt, persam.")
-CheckpointOpt = typer.Option(None, "--checkpoint", help="Model id or local folder for seggpt/persam.")
-OptionOpt = typer.Option(None, "--option", help="Backend option key=value (repeatable).")
-SeedOpt = typer.Option(0, "--split-seed", help="Seed of the pool/val/test split.")
-PoolOpt = typer.Option("0.5", "--pool", help="Prompt pool size: count or fraction.")
-ValOpt = typer.Option("0.25", "--val", help="Validation size: count or fraction.")
-TestOpt = typer.Option(None, "--test", help="Test size: count or fraction (default: the rest).")
-ClassesOpt = typer.Option(None, "--num-classes", help="Classes incl. background; masks with larger ids are an error.")
-MaskModeOpt = typer.Option("auto", "--mask-mode", help="auto, binary or classes (see promptopt.data).")
-DeviceOpt = typer.Option(None, "--device", help="torch device for the backend, e.g. cuda.")
-
-
+# --- commands --------------------------------------------------------------------------------------------
 @app.command()
+@takes(t=TaskArgs, b=BackendArgs)
 def evaluate(
-    data: Path = DataOpt,
-    category: Optional[str] = CategoryOpt,
-    backend: str = BackendOpt,
-    checkpoint: Optional[str] = CheckpointOpt,
+    t: TaskArgs,
+    b: BackendArgs,
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Comma-separated pool sample ids (file stems)."),
     shots: Optional[int] = typer.Option(None, "--shots", help="Draw K pool examples with --seed."),
     seed: int = typer.Option(0, "--seed", help="Seed for --shots."),
-    split_seed: int = SeedOpt,
-    pool: str = PoolOpt,
-    val: str = ValOpt,
-    test: Optional[str] = TestOpt,
-    num_classes: Optional[int] = ClassesOpt,
-    mask_mode: str = MaskModeOpt,
-    option: Optional[List[str]] = OptionOpt,
-    device: Optional[str] = DeviceOpt,
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    as_json: bool = typer.Option(False, "--json/--table", help="Machine-readable output (default: a table)."),
 ) -> None:
     """Val and test mIoU of one prompt set."""
     with user_errors():
-        from .task import evaluate_prompts
+        from .task import evaluate_task
 
-        if (prompts is None) == (shots is None):
-            raise ConfigError("give exactly one of --prompts ID,ID,... or --shots K")
-        task, be = _task_and_backend(data, category, backend, checkpoint, option, split_seed, pool, val, test,
-                                     num_classes, mask_mode, device)
-        chosen = task.split.find_pool([p.strip() for p in prompts.split(",") if p.strip()]) if prompts else \
-            task.draw_prompts(shots, seed)
-        if not chosen:
-            raise ConfigError("--prompts names no sample id")
-        val_o, test_o = task.oracles(be)
-        ev = evaluate_prompts(val_o, test_o, chosen)
+        ds = t.dataset()
+        ev = evaluate_task(t.task(ds, ds.resolve_category(t.category)), b.spec().build(),
+                           prompts=[p.strip() for p in prompts.split(",") if p.strip()] if prompts is not None else None,
+                           shots=shots, seed=seed)
         if as_json:
-            doc = {"category": task.category, "backend": be.config(), "num_classes": task.num_classes,
-                   "split_seed": split_seed, "split": task.split.ids(), **ev.to_dict(),
-                   "oracle": {"val": val_o.stats, "test": test_o.stats if test_o else None}}
-            from .artifacts import _clean_floats
+            from .artifacts import jsonable
 
-            out_console.print_json(json.dumps(_clean_floats(doc)))
+            out_console.print_json(json.dumps(jsonable(ev)))
             return
-        t = Table(title=f"{task.category}: prompts {', '.join(ev.prompts)}")
-        t.add_column("split")
-        t.add_column("images", justify="right")
-        t.add_column("mIoU", justify="right")
-        t.add_row("val", str(len(task.split.val)), f"{ev.val_miou:.4f}")
-        if ev.test is not None:
-            t.add_row("test", str(len(task.split.test)), f"{ev.test_miou:.4f}")
-        out_console.print(t)
-
-
-def _select_categories(data: Path, category: Optional[str], mask_mode: str, num_classes: Optional[int]) -> list[str]:
-    from .data import load_dataset
-
-    ds = load_dataset(data, category=category, mask_mode=mask_mode, num_classes=num_classes)
-    return ds.categories
+        table = Table(title=f"{ev['category']}: prompts {', '.join(ev['prompts'])}")
+        for col in ("split", "images", "mIoU"):
+            table.add_column(col, justify="left" if col == "split" else "right")
+        for part in ("val", "test"):
+            if ev[part] is not None:
+                table.add_row(part, str(len(ev["split"][part])), f"{ev[part]['miou']:.4f}")
+        out_console.print(table)
 
 
 @app.command()
+@takes(t=TaskArgs, b=BackendArgs, r=RunArgs)
 def select(
-    data: Path = DataOpt,
-    out: Path = typer.Option(..., "--out", help="Run folder (created; rerun the same command to resume)."),
-    category: Optional[str] = CategoryOpt,
-    backend: str = BackendOpt,
-    checkpoint: Optional[str] = CheckpointOpt,
+    t: TaskArgs,
+    b: BackendArgs,
+    r: RunArgs,
     strategy: str = typer.Option("forward", "--strategy",
-                                 help="forward | random | best-single | random-search | worst-case | retrieval"),
-    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="At most K prompts (k of the baselines)."),
-    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="e.g. 8GiB, 512MB or bytes."),
-    min_gain: float = typer.Option(0.0, "--min-gain", help="Smallest val-mIoU gain that counts as progress."),
-    patience: int = typer.Option(1, "--patience", help="Steps without gain before forward selection stops."),
-    shortlist: Optional[int] = typer.Option(None, "--shortlist", help="Model-combining backends: exact-score only the top M."),
+                                 help="forward | random | best-single | random-search | worst-case | retrieval | tuned"),
+    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="At most K prompts (the k of the baselines)."),
+    k: Optional[int] = typer.Option(None, "--k", help="Exactly K prompts (random, random-search, retrieval)."),
+    min_gain: Optional[float] = typer.Option(None, "--min-gain", help="forward: smallest val-mIoU gain that counts."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="forward: steps without gain before stopping."),
+    shortlist: Optional[int] = typer.Option(None, "--shortlist", help="forward, model-combining backends: exact-score only the top M."),
+    index: Optional[Path] = typer.Option(None, "--index", help="retrieval: index folder (promptopt index build)."),
+    diversity: Optional[float] = typer.Option(None, "--diversity", help="retrieval: MMR diversity in [0, 1]."),
+    strategy_option: Optional[List[str]] = typer.Option(None, "--strategy-option", help="Other strategy option key=value."),
     seeds: int = typer.Option(10, "--random-seeds", help="Seeds of the random-k baseline."),
     no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the baselines."),
-    split_seed: int = SeedOpt,
-    pool: str = PoolOpt,
-    val: str = ValOpt,
-    test: Optional[str] = TestOpt,
-    num_classes: Optional[int] = ClassesOpt,
-    mask_mode: str = MaskModeOpt,
-    option: Optional[List[str]] = OptionOpt,
-    device: Optional[str] = DeviceOpt,
-    index: Optional[Path] = typer.Option(None, "--index", help="retrieval: index folder (promptopt index build)."),
-    k: Optional[int] = typer.Option(None, "--k", help="retrieval: prompts per query (default --max-prompts or 4)."),
-    diversity: float = typer.Option(0.0, "--diversity", help="retrieval: MMR diversity in [0, 1] (0 = plain top-k)."),
 ) -> None:
     """Choose the prompt set that maximises val mIoU; compare with baselines; write RUN_DIR."""
     with user_errors():
-        from .runs import DEFAULT_BASELINES, run_selection, write_summary
-        from .strategies import SELECTION_STRATEGIES
+        from .run import run_strategy
 
-        if strategy not in SELECTION_STRATEGIES:
-            raise ConfigError(f"unknown strategy {strategy!r}; choose one of {', '.join(SELECTION_STRATEGIES)}")
-        cats = _select_categories(data, category, mask_mode, num_classes)
-        command = "promptopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        results = {}
-        for cat in cats:
-            task, be = _task_and_backend(data, cat, backend, checkpoint, option, split_seed, pool, val, test,
-                                         num_classes, mask_mode, device)
-            run_dir = out if len(cats) == 1 else out / cat
-            with progress_bars() as prog:
-                res = run_selection(task, be, run_dir, strategy=strategy, max_prompts=max_prompts,
-                                    memory_budget=memory_budget, min_gain=min_gain, patience=patience,
-                                    shortlist=shortlist, baselines=() if no_baselines else DEFAULT_BASELINES,
-                                    random_seeds=seeds, progress=prog, command=command, log=console.print,
-                                    index=index, k=k or max_prompts, diversity=diversity)
-            results[cat] = res
-            out_console.print(f"{cat}: selected {', '.join(res['selected'])}  val mIoU {res['val_miou']:.4f}  "
-                              f"test mIoU {res['test_miou'] if res['test_miou'] is None else round(res['test_miou'], 4)}"
-                              f"  ({res['oracle']['forwards']} forwards, {res['wall_s']:.1f} s)")
-        if len(cats) > 1:
-            path = write_summary(out, results)
-            out_console.print(f"summary: {path}")
-        else:
-            out_console.print(f"report: {out / 'report.md'}")
+        options = {"max_prompts": max_prompts, "k": k, "min_gain": min_gain, "patience": patience,
+                   "shortlist": shortlist, "index": index, "diversity": diversity,
+                   **_options(strategy_option, "--strategy-option")}
+        _run_each(t, r, lambda task, folder, prog: run_strategy(
+            task, b.spec(), folder, strategy, {k_: v for k_, v in options.items() if v is not None},
+            baselines=() if no_baselines else None, random_seeds=seeds, memory_budget=r.memory_budget,
+            restart=r.restart, progress=prog, command=_command_line()))
+
+
+def _run_each(t: TaskArgs, r: RunArgs, run_one: Callable[..., dict[str, Any]]) -> None:
+    """Run a command on each category of the data (one folder each), printing one line per category."""
+    from .run import one_line, run_categories
+
+    ds = t.dataset()
+    cats = [ds.resolve_category(t.category)] if t.category else ds.categories
+    with progress(r.quiet) as prog:
+        results = run_categories(lambda cat, folder: run_one(t.task(ds, cat), folder, prog), cats, r.out,
+                                 log=out_console.print)
+    if len(results) == 1:
+        out_console.print(one_line(next(iter(results.values()))))
+        out_console.print(f"report: {r.out / 'report.md'} (and report.html)")
+    else:
+        out_console.print(f"summary: {r.out / 'summary.md'}; reports: {r.out}/<category>/report.md")
 
 
 @app.command()
-def predict(
-    prompt: Path = typer.Option(..., "--prompt", help="prompt.json of a run (or the run folder)."),
-    images: Path = typer.Option(..., "--images", help="Folder of images (or one image)."),
-    out: Path = typer.Option(..., "--out", help="Folder for the PNG masks."),
-    device: Optional[str] = DeviceOpt,
+@takes(t=TaskArgs, b=BackendArgs, r=RunArgs)
+def tune(
+    t: TaskArgs,
+    b: BackendArgs,
+    r: RunArgs,
+    init: Optional[str] = typer.Option(None, "--init", help="RUN_DIR/prompt.json whose examples start the tuning, "
+                                                            "'noise', or 'best-single' (default)."),
+    shots: Optional[int] = typer.Option(None, "--shots", help="Start from K pool examples drawn with --seed."),
+    steps: int = typer.Option(100, "--steps", help="Optimizer steps."),
+    lr: float = typer.Option(0.05, "--lr", help="Peak learning rate (Adam, logit space)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Training images per step."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps (default steps/10, at most 10)."),
+    tune_what: str = typer.Option("both", "--tune", help="image | mask | both."),
+    per_class: bool = typer.Option(False, "--per-class", help="Semantic tasks: one context per class."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Val mIoU every N steps (default steps/3, at most 10)."),
+    patience: int = typer.Option(5, "--patience", help="Evaluations without gain before stopping (0: never)."),
+    context_side: Optional[int] = typer.Option(None, "--context-side", help="Long side of the learned tensors."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --shots, noise init and mini-batches."),
 ) -> None:
-    """Write PNG masks for new images with a saved prompt."""
+    """Learn the prompt tensor (image and/or mask) with the model frozen; write RUN_DIR."""
     with user_errors():
-        from .predict import predict_folder
+        from .run import run_strategy, tuning_init
 
-        overrides = {"device": device} if device else {}
-        with progress_bars() as prog:
-            cb = (lambda done, total: prog("images", done, total)) if prog else None
-            written = predict_folder(prompt, images, out, progress=cb, **overrides)
-        out_console.print(f"wrote {len(written)} mask(s) to {out}")
+        def one(task, folder, prog):
+            options = {"init": tuning_init(task, init, shots, seed), "steps": steps, "lr": lr, "batch_size": batch_size,
+                       "warmup": warmup, "tune": tune_what, "per_class": per_class, "eval_every": eval_every,
+                       "patience": patience or None, "context_side": context_side, "seed": seed}
+            return run_strategy(task, b.spec(), folder, "tuned", {k: v for k, v in options.items() if v is not None},
+                                memory_budget=r.memory_budget, restart=r.restart, progress=prog,
+                                command=_command_line())
+
+        _run_each(t, r, one)
 
 
 @app.command()
-def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo run goes."),
-    max_prompts: int = typer.Option(4, "--max-prompts"),
-    category: Optional[List[str]] = typer.Option(None, "--category", help="Only these objects (default: all four)."),
-) -> None:
-    """The main job on the bundled DAVIS sample: forward selection vs baselines, with a report."""
-    with user_errors():
-        from .backends import create_backend
-        from .data import bundled_sample_root, load_dataset
-        from .runs import run_selection, write_summary
-        from .task import Task
-
-        root = bundled_sample_root()
-        ds = load_dataset(root, category=category or None)
-        results = {}
-        for cat in ds.categories:
-            task = Task.from_dataset(ds, cat, seed=0)
-            with progress_bars() as prog:
-                res = run_selection(task, create_backend("features"), out / cat, strategy="forward",
-                                    max_prompts=max_prompts, progress=prog,
-                                    command=f"promptopt demo --out {out} --max-prompts {max_prompts}")
-            results[cat] = res
-            rnd = res["baselines"]["random"]
-            out_console.print(
-                f"{cat:15s} forward selection {len(res['selected'])} prompts: test mIoU {res['test_miou']:.3f}  "
-                f"(random {rnd['k']}-shot {rnd['test_miou_mean']:.3f} ± {rnd['test_miou_std']:.3f}, "
-                f"best single {res['baselines']['best-single']['test_miou']:.3f})")
-        summary = write_summary(out, results)
-        out_console.print(f"\nsummary: {summary}\nreports: {out}/<object>/report.md (and report.html)")
-
-
-@app.command()
+@takes(t=TaskArgs, b=BackendArgs, r=RunArgs)
 def search(
-    data: Path = DataOpt,
-    out: Path = typer.Option(..., "--out", help="Run folder; the study is a journal file in it unless --storage."),
-    category: Optional[str] = CategoryOpt,
-    backend: str = BackendOpt,
-    checkpoint: Optional[str] = CheckpointOpt,
+    t: TaskArgs,
+    b: BackendArgs,
+    r: RunArgs,
     strategies: str = typer.Option("forward,random-search", "--strategies",
-                                   help="Comma-separated strategies to search over (forward, random-search, retrieval, tuned)."),
+                                   help="Comma-separated strategies to search over (forward, random-search, retrieval, "
+                                        "tuned, best-single)."),
     n_trials: int = typer.Option(20, "--n-trials", help="Finished trials the study should hold (rerun with more to extend)."),
     max_k: int = typer.Option(8, "--max-k", help="Largest number of prompts a trial may use."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (sqlite:///, postgresql://) or journal file."),
     study_name: Optional[str] = typer.Option(None, "--study-name", help="Study name (default promptopt-<category>)."),
     seed: Optional[int] = typer.Option(0, "--seed", help="Sampler seed (give each parallel worker its own)."),
     fixed_backend: bool = typer.Option(False, "--fixed-backend", help="Do not search the backend's options."),
-    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="e.g. 8GiB; trials that do not fit are pruned."),
-    split_seed: int = SeedOpt,
-    pool: str = PoolOpt,
-    val: str = ValOpt,
-    test: Optional[str] = TestOpt,
-    num_classes: Optional[int] = ClassesOpt,
-    mask_mode: str = MaskModeOpt,
-    option: Optional[List[str]] = OptionOpt,
-    device: Optional[str] = DeviceOpt,
 ) -> None:
     """Optuna search over strategies and their knobs; best prompt, val/test mIoU and plots in RUN_DIR."""
     with user_errors():
         from .search import run_search
-        from .task import Task
 
-        cats = _select_categories(data, category, mask_mode, num_classes)
-        command = "promptopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        opts = _options(option)
-        if device:
-            opts["device"] = device
-        for cat in cats:
-            task = Task.from_folder(data, cat, mask_mode=mask_mode, num_classes=num_classes, pool=_size(pool),
-                                    val=_size(val), test=_size(test), seed=split_seed)
-            run_dir = out if len(cats) == 1 else out / cat
-            with progress_bars() as prog:
-                res = run_search(task, run_dir, command=command, backend=backend, checkpoint=checkpoint,
-                                 backend_options=opts, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
-                                 n_trials=n_trials, max_k=max_k, storage=storage,
-                                 study_name=study_name if len(cats) == 1 or not study_name else f"{study_name}-{cat}",
-                                 seed=seed, tune_backend=not fixed_backend, memory_budget=memory_budget, progress=prog)
-            tm = res["test_miou"]
-            out_console.print(f"{cat}: best trial {res['best_trial']} ({res['best_params'].get('strategy')}) val mIoU "
-                              f"{res['val_miou']:.4f}  test mIoU {'–' if tm is None else f'{tm:.4f}'}  "
-                              f"({res['trials']['total']} trials)  report: {run_dir / 'report.md'}")
+        names = [s.strip() for s in strategies.split(",") if s.strip()]
+        _run_each(t, r, lambda task, folder, prog: run_search(
+            task, folder, b.spec(), strategies=names, n_trials=n_trials, max_k=max_k, storage=storage,
+            study_name=f"{study_name}-{task.category}" if study_name and not t.category else study_name, seed=seed,
+            tune_backend=not fixed_backend, memory_budget=r.memory_budget, restart=r.restart, progress=prog,
+            command=_command_line()))
 
 
 @app.command()
-def tune(
-    data: Path = DataOpt,
-    out: Path = typer.Option(..., "--out", help="Run folder (created; rerun the same command to resume)."),
-    category: Optional[str] = CategoryOpt,
-    backend: str = BackendOpt,
-    checkpoint: Optional[str] = CheckpointOpt,
-    init: Optional[str] = typer.Option(None, "--init", help="RUN_DIR/prompt.json whose examples start the tuning, or 'noise'."),
-    shots: Optional[int] = typer.Option(None, "--shots", help="Start from K pool examples drawn with --seed."),
-    steps: int = typer.Option(100, "--steps", help="Optimizer steps."),
-    lr: float = typer.Option(0.05, "--lr", help="Peak learning rate (Adam, logit space)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Training images per step."),
-    warmup: int = typer.Option(10, "--warmup", help="Linear warm-up steps (then cosine decay)."),
-    tune_what: str = typer.Option("both", "--tune", help="image | mask | both."),
-    per_class: bool = typer.Option(False, "--per-class", help="Semantic tasks: one context per class."),
-    eval_every: int = typer.Option(10, "--eval-every", help="Val mIoU every N steps."),
-    patience: int = typer.Option(5, "--patience", help="Evaluations without gain before stopping (0: never)."),
-    context_side: Optional[int] = typer.Option(None, "--context-side", help="Long side of the learned tensors."),
-    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="e.g. 8GiB, 512MB or bytes."),
-    seed: int = typer.Option(0, "--seed", help="Seed of --shots, noise init and mini-batches."),
-    split_seed: int = SeedOpt,
-    pool: str = PoolOpt,
-    val: str = ValOpt,
-    test: Optional[str] = TestOpt,
-    num_classes: Optional[int] = ClassesOpt,
-    mask_mode: str = MaskModeOpt,
-    option: Optional[List[str]] = OptionOpt,
-    device: Optional[str] = DeviceOpt,
+def predict(
+    prompt: Path = typer.Option(..., "--prompt", help="prompt.json of a run (or the run folder)."),
+    images: Path = typer.Option(..., "--images", help="Folder of images (or one image)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the PNG masks (and predictions.csv)."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Ground-truth masks (same stems): IoU per image in the CSV."),
+    overlays: bool = typer.Option(False, "--overlays", help="Also write the images with the prediction drawn over them."),
+    device: Optional[str] = typer.Option(None, "--device", help="torch device for the backend, e.g. cuda."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or progress lines."),
 ) -> None:
-    """Learn the prompt tensor (image and/or mask) with the model frozen; write RUN_DIR."""
+    """Write PNG masks (+ predictions.csv, overlays) for new images with a saved prompt."""
     with user_errors():
-        from .tune_run import run_tuning
+        from .predict import predict_folder
 
-        if init is None and shots is None:
-            raise ConfigError("give --init RUN_DIR/prompt.json (or --init noise) or --shots K")
-        task, be = _task_and_backend(data, category, backend, checkpoint, option, split_seed, pool, val, test,
-                                     num_classes, mask_mode, device)
-        command = "promptopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        with progress_bars() as prog:
-            res = run_tuning(task, be, out, init=init, shots=shots, seed=seed, steps=steps, lr=lr,
-                             batch_size=batch_size, warmup=warmup, tune=tune_what, per_class=per_class,
-                             eval_every=eval_every, patience=patience or None, context_side=context_side,
-                             memory_budget=memory_budget, progress=prog, command=command, log=console.print)
-        r4 = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
-        out_console.print(f"{task.category}: val mIoU {r4(res['start']['val_miou'])} -> {r4(res['tuned']['val_miou'])}  "
-                          f"test mIoU {r4(res['start']['test_miou'])} -> {r4(res['tuned']['test_miou'])}  "
-                          f"({res['summary']['steps_run']} steps, {res['wall_s']:.1f} s)")
-        out_console.print(f"report: {out / 'report.md'}")
+        overrides = {"device": check_device(device)} if device else {}
+        with progress(quiet) as prog:
+            written = predict_folder(prompt, images, out, masks=masks, overlays=overlays, progress=prog, **overrides)
+        out_console.print(f"wrote {len(written)} mask(s) and predictions.csv to {out}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo run goes."),
+    max_prompts: int = typer.Option(4, "--max-prompts"),
+    category: Optional[str] = typer.Option(None, "--category", help="Only this object (default: all four)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or progress lines."),
+) -> None:
+    """The main job on the bundled DAVIS sample: forward selection vs baselines, with a report."""
+    with user_errors():
+        from .data import bundled_sample_root
+        from .run import run_strategy
+
+        t = TaskArgs(data=bundled_sample_root(), category=category, split_seed=0, pool="0.5", val="0.25", test=None,
+                     num_classes=None, mask_mode="auto")
+        r = RunArgs(out=out, restart=False, memory_budget=None, quiet=quiet)
+        _run_each(t, r, lambda task, folder, prog: run_strategy(
+            task, BackendArgs("features", None, None, None).spec(), folder, "forward", {"max_prompts": max_prompts},
+            progress=prog, command=_command_line()))
 
 
 # --- embedding indexes (retrieval) ------------------------------------------------------------------
@@ -388,9 +389,9 @@ app.add_typer(index_app, name="index")
 
 @index_app.command("build")
 def index_build(
-    data: Path = DataOpt,
+    data: Path = typer.Option(..., "--data", help="Dataset root (as for select)."),
     out: Path = typer.Option(..., "--out", help="Index folder, e.g. indexes/NAME (index.faiss + manifest.json)."),
-    category: Optional[str] = CategoryOpt,
+    category: Optional[str] = typer.Option(None, "--category", help="Only this category."),
     encoder: str = typer.Option("features", "--encoder",
                                 help="features (weight-free) | clip[:MODEL] | hf:<name_or_dir> | backend[:NAME]"),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="clip: pretrained tag or file; backend: its checkpoint."),
@@ -398,22 +399,18 @@ def index_build(
     index_type: str = typer.Option("auto", "--index-type", help="auto | flat | hnsw | ivf"),
     masked: bool = typer.Option(False, "--masked", help="Mask-aware embeddings (features pooled on the object)."),
     batch_size: int = typer.Option(16, "--batch-size"),
-    mask_mode: str = MaskModeOpt,
+    mask_mode: str = typer.Option("auto", "--mask-mode", help="auto, binary or classes."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or progress lines."),
 ) -> None:
     """Embed every image of a dataset (or one category) and save a FAISS index with its manifest."""
     with user_errors():
-        from .data import load_dataset
-        from .embeddings import create_encoder
-        from .index import build_index
+        from .index import build_dataset_index
 
-        ds = load_dataset(data, category=category, mask_mode=mask_mode)
-        samples = [s for cat in ds.categories for s in ds.samples(cat)]
-        enc = create_encoder(encoder, checkpoint, _options(option))
-        with progress_bars() as prog:
-            cb = (lambda done, total: prog("images", done, total)) if prog else None
-            idx = build_index(samples, enc, kind=index_type, masked=masked, batch_size=batch_size, progress=cb)
-        idx.save(out, dataset_root=data)
-        out_console.print(f"indexed {len(idx)} image(s) with {enc.name} (dim {idx.dim}, {idx.kind}) into {out}")
+        with progress(quiet) as prog:
+            idx = build_dataset_index(data, out, category=category, encoder=encoder, checkpoint=checkpoint,
+                                      options=_options(option), kind=index_type, masked=masked,
+                                      batch_size=batch_size, mask_mode=mask_mode, progress=prog)
+        out_console.print(f"indexed {len(idx)} image(s) with {idx.encoder['name']} (dim {idx.dim}, {idx.kind}) into {out}")
 
 
 @index_app.command("query")
@@ -421,26 +418,22 @@ def index_query(
     index: Path = typer.Option(..., "--index", help="Index folder."),
     image: Path = typer.Option(..., "--image", help="Query image file."),
     k: int = typer.Option(5, "--k", help="Neighbours to list."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    as_json: bool = typer.Option(False, "--json/--table", help="Machine-readable output (default: a table)."),
 ) -> None:
     """List the k indexed images most similar to IMAGE (cosine similarity)."""
     with user_errors():
-        from .index import EmbeddingIndex
-        from .predict import image_samples
+        from .index import query_index
 
-        idx = EmbeddingIndex.load(index)
-        enc = idx.make_encoder()
-        hits = idx.search(enc.encode(image_samples([image])), k)[0]
+        hits = query_index(index, image, k)
         if as_json:
             out_console.print_json(json.dumps([{"key": key, "similarity": sim} for key, sim in hits]))
             return
-        t = Table(title=f"{image.name}: {len(hits)} nearest in {index}")
-        t.add_column("rank", justify="right")
-        t.add_column("sample")
-        t.add_column("similarity", justify="right")
+        table = Table(title=f"{image.name}: {len(hits)} nearest in {index}")
+        for col in ("rank", "sample", "similarity"):
+            table.add_column(col, justify="left" if col == "sample" else "right")
         for i, (key, sim) in enumerate(hits, 1):
-            t.add_row(str(i), key, f"{sim:.4f}")
-        out_console.print(t)
+            table.add_row(str(i), key, f"{sim:.4f}")
+        out_console.print(table)
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

@@ -445,3 +445,22 @@ def split_samples(
 def bundled_sample_root() -> Path:
     """Folder of the small DAVIS 2016 subset shipped with the package (see its README for licence)."""
     return Path(__file__).parent / "sample_data" / "davis_mini"
+
+
+def image_samples(images: str | Path | Iterable[str | Path]) -> list[Sample]:
+    """Unlabelled samples from a folder of images (or a list of files), checked up front."""
+    if isinstance(images, (str, Path)):
+        folder = Path(images)
+        if not folder.exists():
+            raise DataError(f"{folder}: not found")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else [folder]
+        if not files:
+            raise DataError(f"{folder}: no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    else:
+        files = [Path(p) for p in images]
+    out = []
+    for p in files:
+        img = read_image(p)  # reads now so that a bad file is reported by name before any model runs
+        # the file name (not the stem) is the id: 00000.jpg and 00000.png are two images, never one cache entry
+        out.append(Sample(p.name, f"query:{p.parent.resolve()}", image=img, path=p))
+    return out

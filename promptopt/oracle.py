@@ -18,7 +18,7 @@ backend-agnostic and two strategies scored by the same oracle are comparable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -286,6 +286,26 @@ class ValidationOracle:
         if self.cache:
             self._results[key] = result
         return result
+
+    def score_contexts(self, contexts: Sequence[Context], chunk: int = 8) -> OracleResult:
+        """mIoU of tensor prompts that change between calls (context tuning): never memoised or pair-cached.
+
+        Queries go to the backend ``chunk`` at a time, so a backend can prepare the
+        contexts once per chunk; every query counts ``len(contexts)`` forwards.
+        """
+        if not contexts:
+            raise ConfigError("cannot score an empty set of contexts")
+        self._counters.calls += 1
+        acc = IoUAccumulator(self.num_classes, self.ignore_index)
+        with torch.no_grad():
+            for start in range(0, len(self.samples), chunk):
+                part = self.samples[start:start + chunk]
+                for q, probs in zip(part, self.backend.predict(list(contexts), part, self.num_classes)):
+                    acc.add_confusion(self._confusion(probs, q), q.id)
+                self._counters.forwards += len(contexts) * len(part)
+                if self.progress:
+                    self.progress(len(contexts) * len(part))
+        return OracleResult([f"context {i}" for i in range(len(contexts))], acc.result())
 
     def predict(self, prompts: Sequence[Prompt]) -> list[torch.Tensor]:
         """The (C, H, W) probabilities behind :meth:`score`, one per image (uncached, for reports)."""

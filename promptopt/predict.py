@@ -2,23 +2,24 @@
 
 A ``fixed`` prompt (forward selection, baselines) uses the same prompt set for
 every image. Other kinds (per-query retrieval, learned contexts) register a
-predictor here under their ``kind``.
+predictor here under their ``kind``. A predictor returns, per image, the label
+map and the ids of the prompt examples that image was given.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from .artifacts import PromptArtifact, load_prompt, save_png_mask
+from .artifacts import PromptArtifact, load_prompt
 from .backends.base import Backend
-from .data import IMAGE_EXTENSIONS, Sample, read_image
+from .data import Sample, image_samples
 from .errors import DataError
 from .oracle import prediction_to_labels
 
-Predictor = Callable[[PromptArtifact, Backend, Sequence[Sample]], list[np.ndarray]]
+Predictor = Callable[[PromptArtifact, Backend, Sequence[Sample]], tuple[list[np.ndarray], list[list[str]]]]
 _PREDICTORS: dict[str, Predictor] = {}
 
 
@@ -27,35 +28,20 @@ def register_predictor(kind: str, fn: Predictor) -> None:
     _PREDICTORS[kind] = fn
 
 
-def _predict_fixed(art: PromptArtifact, backend: Backend, queries: Sequence[Sample]) -> list[np.ndarray]:
+def _predict_fixed(art: PromptArtifact, backend: Backend,
+                   queries: Sequence[Sample]) -> tuple[list[np.ndarray], list[list[str]]]:
     prompts = art.samples()
-    return [prediction_to_labels(backend.predict(prompts, [q], art.num_classes)[0]).cpu().numpy() for q in queries]
+    labels = [prediction_to_labels(backend.predict(prompts, [q], art.num_classes)[0]).cpu().numpy() for q in queries]
+    return labels, [art.ids for _ in queries]
 
 
 register_predictor("fixed", _predict_fixed)
 
 
-def image_samples(images: str | Path | Iterable[str | Path]) -> list[Sample]:
-    """Unlabelled samples from a folder of images (or a list of files), checked up front."""
-    if isinstance(images, (str, Path)):
-        folder = Path(images)
-        if not folder.exists():
-            raise DataError(f"{folder}: not found")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else [folder]
-        if not files:
-            raise DataError(f"{folder}: no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    else:
-        files = [Path(p) for p in images]
-    out = []
-    for p in files:
-        img = read_image(p)  # reads now so that a bad file is reported by name before any model runs
-        out.append(Sample(p.stem, f"query:{p.parent.resolve()}", image=img, path=p))
-    return out
-
-
-def predict_labels(artifact: PromptArtifact | str | Path, queries: Sequence[Sample],
-                   backend: Backend | None = None, **backend_overrides) -> list[np.ndarray]:
-    """(H, W) class-id maps for each query under a saved prompt."""
+def predict_with_prompts(artifact: PromptArtifact | str | Path, queries: Sequence[Sample],
+                         backend: Backend | None = None,
+                         **backend_overrides) -> tuple[list[np.ndarray], list[list[str]]]:
+    """(H, W) class-id maps for each query under a saved prompt, and the prompt ids each query got."""
     art = artifact if isinstance(artifact, PromptArtifact) else load_prompt(artifact)
     if art.kind not in _PREDICTORS:
         raise DataError(f"{art.path}: prompt kind {art.kind!r} cannot be applied by this version of promptopt")
@@ -63,38 +49,116 @@ def predict_labels(artifact: PromptArtifact | str | Path, queries: Sequence[Samp
     return _PREDICTORS[art.kind](art, backend, queries)
 
 
-def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | Path,
-                   progress: Callable[[int, int], None] | None = None, **backend_overrides) -> list[Path]:
-    """Write one PNG mask per image into ``out_dir`` (binary tasks: 0/255; otherwise class ids)."""
+def predict_labels(artifact: PromptArtifact | str | Path, queries: Sequence[Sample],
+                   backend: Backend | None = None, **backend_overrides) -> list[np.ndarray]:
+    """(H, W) class-id maps for each query under a saved prompt."""
+    return predict_with_prompts(artifact, queries, backend, **backend_overrides)[0]
+
+
+def mask_names(queries: Sequence[Sample]) -> list[str]:
+    """Output file name per image: ``<stem>.png``, or ``<stem>_<ext>.png`` for images that share a stem."""
+    stems: dict[str, int] = {}
+    for q in queries:
+        stems[Path(q.id).stem] = stems.get(Path(q.id).stem, 0) + 1
+    return [f"{Path(q.id).stem}.png" if stems[Path(q.id).stem] == 1 else
+            f"{Path(q.id).stem}_{Path(q.id).suffix.lstrip('.').lower()}.png" for q in queries]
+
+
+def label_png(labels: np.ndarray, num_classes: int, palette: Sequence[int] | None = None) -> bytes:
+    """The PNG people can look at: binary 0/255 grey; several classes as a palette PNG (the dataset's
+    palette when the prompt recorded one, else SegGPT's class colours) whose pixel values are the class ids."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    if num_classes == 2:
+        Image.fromarray(labels.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
+        return buf.getvalue()
+    im = Image.fromarray(labels.astype(np.uint8), mode="P")
+    if palette is None:
+        from .backends.seggpt import seggpt_palette
+
+        palette = [int(v) for v in seggpt_palette(num_classes).flatten().tolist()]
+    im.putpalette(list(palette) + [0] * (768 - len(palette)))
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | Path, *,
+                   masks: str | Path | None = None, overlays: bool = False,
+                   progress: Callable[[str, int, int], None] | None = None, **backend_overrides) -> list[Path]:
+    """Label every image of a folder with a saved prompt; write masks, ``predictions.csv`` and optional overlays.
+
+    ``out_dir`` gets one PNG per image (see :func:`mask_names` and :func:`label_png`),
+    ``predictions.csv`` (image, mask file, class, area in pixels, the prompts the image was given, and the
+    IoU against ``masks/<stem>.png`` when a ground-truth folder is given), and with ``overlays`` a
+    ``overlays/`` folder of images with the prediction drawn over them.
+    """
+    import csv
+    import io
+
+    from .artifacts import atomic_write_bytes, atomic_write_text
+    from .data import read_mask
+    from .metrics import IoUAccumulator
+
     art = load_prompt(prompt_path)
     queries = image_samples(images)
-    backend = art.build_backend(**backend_overrides)
+    truth_dir = Path(masks) if masks is not None else None
+    if truth_dir is not None and not truth_dir.is_dir():
+        raise DataError(f"{truth_dir}: ground-truth mask folder not found")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i, q in enumerate(queries):
-        labels = predict_labels(art, [q], backend)[0]
-        png = labels.astype(np.uint8) * 255 if art.num_classes == 2 else labels
-        written.append(save_png_mask(out / f"{q.id}.png", png))
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; give --out a folder path")
+    backend = art.build_backend(**backend_overrides)
+    palette = art.extra.get("palette")
+    names = mask_names(queries)
+    rows, written = [], []
+    for i, (q, name) in enumerate(zip(queries, names)):
         if progress:
-            progress(i + 1, len(queries))
+            progress("images", i, len(queries))
+        (labels,), (used,) = predict_with_prompts(art, [q], backend)
+        written.append(atomic_write_bytes(out / name, label_png(labels, art.num_classes, palette)))
+        if overlays:
+            from .plots import mask_overlay, save_image
+
+            save_image(out / "overlays" / name, mask_overlay(q.image, labels))
+        iou = None
+        truth_path = truth_dir / f"{Path(q.id).stem}.png" if truth_dir is not None else None
+        if truth_path is not None and truth_path.is_file():
+            acc = IoUAccumulator(art.num_classes)
+            acc.add(labels, read_mask(truth_path), q.id)
+            iou = acc.result().miou
+        for c in range(1, art.num_classes):
+            rows.append([q.id, name, c, int((labels == c).sum()), " ".join(used),
+                         "" if iou is None or iou != iou else f"{iou:.6f}"])
+    if progress:
+        progress("images", len(queries), len(queries))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["image", "mask", "class", "area", "prompts", "iou"])
+    writer.writerows(rows)
+    atomic_write_text(out / "predictions.csv", buf.getvalue())
     return written
 
 
-def _predict_tuned(art: PromptArtifact, backend: Backend, queries: Sequence[Sample]) -> list[np.ndarray]:
+def _predict_tuned(art: PromptArtifact, backend: Backend,
+                   queries: Sequence[Sample]) -> tuple[list[np.ndarray], list[list[str]]]:
     """Learned contexts (context tuning): the safetensors beside prompt.json are the prompt."""
     from .strategies.tuning import load_contexts
 
     if not art.context_file:
         raise DataError(f"{art.path}: a tuned prompt needs a context_file")
-    contexts = load_contexts(art.path.parent / art.context_file, getattr(backend, "device", "cpu"))
-    return [prediction_to_labels(backend.predict(contexts, [q], art.num_classes)[0]).cpu().numpy() for q in queries]
+    contexts = load_contexts(art.path.parent / art.context_file, backend.device)
+    labels = [prediction_to_labels(backend.predict(contexts, [q], art.num_classes)[0]).cpu().numpy() for q in queries]
+    return labels, [[f"context {i}" for i in range(len(contexts))] for _ in queries]
 
 
 register_predictor("tuned", _predict_tuned)
 
 
-def _predict_retrieval(art: PromptArtifact, backend: Backend, queries: Sequence[Sample]) -> list[np.ndarray]:
+def _predict_retrieval(art: PromptArtifact, backend: Backend,
+                       queries: Sequence[Sample]) -> tuple[list[np.ndarray], list[list[str]]]:
     from .strategies.retrieval import predict_retrieval  # lazy: FAISS is only needed for retrieval prompts
 
     return predict_retrieval(art, backend, queries)

@@ -1,155 +1,20 @@
-"""Reports a person can read: Markdown plus a self-contained HTML page, with plots and overlays.
+"""Reports a person can read: Markdown plus a self-contained HTML page.
 
-Plots are PNG files beside the report (Markdown links them; the HTML version
-embeds them as base64, so it opens anywhere without the toolkit). Overlays
-colour a prediction against the ground truth: green = correct foreground, red =
-false positive, blue = missed (false negative); ignored pixels are grey.
+Figures (:mod:`promptopt.plots`) are PNG files beside the report: Markdown links
+them, the HTML version embeds them as base64, so it opens anywhere without the
+toolkit.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import re
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .artifacts import atomic_write_bytes, atomic_write_text  # noqa: E402
-from .data import IGNORE_INDEX, Sample  # noqa: E402
-
-_CLASS_COLOURS = np.array(
-    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
-     [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128]], dtype=np.uint8)
-
-
-def _save_fig(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-def mask_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Image with class colours blended over labelled pixels (class 0 left as is)."""
-    out = image.astype(np.float32).copy()
-    for c in np.unique(mask):
-        if c == 0 or c == IGNORE_INDEX:
-            continue
-        colour = _CLASS_COLOURS[int(c) % len(_CLASS_COLOURS)] if c < len(_CLASS_COLOURS) else _CLASS_COLOURS[1 + int(c) % 11]
-        sel = mask == c
-        out[sel] = (1 - alpha) * out[sel] + alpha * colour
-    return out.clip(0, 255).astype(np.uint8)
-
-
-def error_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """Prediction vs ground truth: green TP (correct non-background), red FP, blue FN, grey ignore."""
-    out = image.astype(np.float32).copy()
-    ignore = truth == IGNORE_INDEX
-    tp = (pred == truth) & (truth > 0) & ~ignore
-    fp = (pred > 0) & (pred != truth) & ~ignore
-    fn = (truth > 0) & (pred != truth) & ~ignore & ~fp
-    for sel, colour in ((tp, (40, 200, 40)), (fp, (230, 30, 30)), (fn, (30, 90, 240)), (ignore, (128, 128, 128))):
-        out[sel] = (1 - alpha) * out[sel] + alpha * np.array(colour, dtype=np.float32)
-    return out.clip(0, 255).astype(np.uint8)
-
-
-def plot_steps(history: Sequence[dict[str, Any]], path: Path, title: str = "Forward selection") -> Path:
-    """Val mIoU of the chosen set after each greedy step (accepted steps filled, rejected hollow)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    steps = [h["step"] for h in history]
-    scores = [h["score"] if h["score"] is not None else np.nan for h in history]
-    ax.plot(steps, scores, "-", color="#1f77b4")
-    for h, s in zip(history, scores):
-        ax.plot(h["step"], s, "o", color="#1f77b4", mfc="#1f77b4" if h.get("accepted", True) else "white")
-        ax.annotate(str(h["chosen"]), (h["step"], s), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    ax.set_xlabel("number of prompts")
-    ax.set_ylabel("val mIoU")
-    ax.set_title(title)
-    ax.set_xticks(steps)
-    ax.grid(alpha=0.3)
-    return _save_fig(fig, path)
-
-
-def plot_strategy_scores(rows: Sequence[dict[str, Any]], path: Path, title: str = "Test mIoU by strategy") -> Path:
-    """Bar chart of test (and val) mIoU per strategy; ``std`` draws an error bar (random k over seeds)."""
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    names = [r["name"] for r in rows]
-    x = np.arange(len(rows))
-    test = [r.get("test_miou") if r.get("test_miou") is not None else np.nan for r in rows]
-    val = [r.get("val_miou") if r.get("val_miou") is not None else np.nan for r in rows]
-    err = [r.get("test_std") or 0.0 for r in rows]
-    ax.bar(x - 0.2, val, 0.4, label="val (optimised)", color="#aec7e8")
-    ax.bar(x + 0.2, test, 0.4, yerr=err, label="test (held out)", color="#1f77b4", capsize=3)
-    for xi, t in zip(x, test):
-        if not math.isnan(t):
-            ax.text(xi + 0.2, t + 0.01, f"{t:.3f}", ha="center", fontsize=7)
-    ax.set_xticks(x, names, rotation=20, ha="right")
-    ax.set_ylabel("mIoU")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(title)
-    return _save_fig(fig, path)
-
-
-def plot_prompts(samples: Sequence[Sample], path: Path, title: str = "Chosen prompts", max_items: int = 8) -> Path:
-    """The prompt images with their masks overlaid."""
-    items = list(samples)[:max_items]
-    n = max(1, len(items))
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.2), squeeze=False)
-    for ax, s in zip(axes[0], items):
-        ax.imshow(mask_overlay(s.image, s.mask))
-        ax.set_title(s.id, fontsize=8)
-    for ax in axes[0]:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    return _save_fig(fig, path)
-
-
-def plot_predictions(samples: Sequence[Sample], labels: Sequence[np.ndarray], path: Path,
-                     ious: Sequence[float] | None = None, title: str = "Predictions on test images",
-                     max_items: int = 6) -> Path:
-    """Error overlays (green TP, red FP, blue FN) of predictions on labelled images."""
-    items = list(zip(samples, labels))[:max_items]
-    n = max(1, len(items))
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.2), squeeze=False)
-    for i, (ax, (s, lab)) in enumerate(zip(axes[0], items)):
-        ax.imshow(error_overlay(s.image, np.asarray(lab), s.mask))
-        t = s.id if ious is None else f"{s.id}  IoU {ious[i]:.2f}"
-        ax.set_title(t, fontsize=8)
-    for ax in axes[0]:
-        ax.axis("off")
-    fig.suptitle(title + "  (green: correct, red: false positive, blue: missed)", fontsize=8)
-    return _save_fig(fig, path)
-
-
-def plot_curves(curves: dict[str, Sequence[float]], path: Path, xlabel: str, ylabel: str, title: str) -> Path:
-    """Line plot of named curves (loss or score per step)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    for name, ys in curves.items():
-        ax.plot(range(1, len(ys) + 1), ys, label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if len(curves) > 1:
-        ax.legend(fontsize=7)
-    return _save_fig(fig, path)
-
-
-def save_image(path: Path, image: np.ndarray) -> Path:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+from .artifacts import atomic_write_text
 
 
 def fmt(x: Any, digits: int = 3) -> str:

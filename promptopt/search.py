@@ -1,13 +1,13 @@
-"""Optuna search over prompt strategies and their knobs, scored by the validation oracle.
+"""Optuna search over registered strategies and their declared knobs, scored by the validation oracle.
 
-Each Optuna trial picks a strategy (forward selection, random search, and any
-strategy registered with :func:`register_search_strategy`, such as retrieval
-and context tuning), that strategy's knobs (k, diversity, learning rate, ...)
-and the backend's own options (``features``: pixel sampling, scales, kernel
-temperature; ``persam``: PerSAM vs PerSAM-F, k-shot combination, cascaded
-refinement; ``seggpt``: feature vs output ensemble, embedding type), fits the strategy on the prompt pool and
-returns its validation mIoU. Forward selection reports its val mIoU after every
-step as an intermediate value, so Optuna's pruner can stop hopeless trials.
+Each Optuna trial picks a strategy among those asked for, then the knobs that
+strategy declares (``search_space``, see :mod:`promptopt.space`) and the knobs
+the backend declares, each turned into one ``trial.suggest_*`` call here — the
+only module that speaks Optuna. The trial builds the strategy through the
+registry, fits it on the prompt pool and returns its validation mIoU; strategies
+with intermediate values (forward selection's steps, tuning's evaluations)
+report them, so Optuna's pruner can stop hopeless trials. A trial that does not
+fit the memory budget is pruned with the reason.
 
 Storage
     By default the study lives in ``<run_dir>/study.log``, an Optuna journal
@@ -16,14 +16,13 @@ Storage
     machines) or another journal file path is accepted. ``n_trials`` is the
     number of *finished* trials the study should hold: rerunning the same
     command with a larger number adds the missing trials, and several workers
-    started with the same command share the work (each stops when the study has
-    enough; at most one extra trial per worker can finish).
+    started with the same command share the work.
 
 Artifacts
     Every finished trial writes its prompt artifact to
     ``<run_dir>/trials/<number>/prompt.json`` (atomically), so the best prompt
     never has to be recomputed. When the search ends, the best trial's artifact
-    is copied to ``<run_dir>/best/``, scored on the held-out test split, and
+    is published to ``<run_dir>/best/``, scored on the held-out test split, and
     ``result.json`` and ``report.md``/``report.html`` (optimisation history,
     parameter importances, the best prompts and predictions) are written.
 
@@ -35,21 +34,21 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import optuna
 
-from .artifacts import atomic_write_json, check_run_dir, fingerprint, load_prompt
-from .backends.base import Backend, create_backend
+from .artifacts import fingerprint, load_prompt
+from .backends.base import Backend, BackendSpec, backend_class
 from .data import Sample
 from .errors import BudgetError, ConfigError
 from .metrics import IoUAccumulator
 from .oracle import ValidationOracle
-from .strategies import ForwardSelector, RandomSearch
-from .strategies.base import ProgressFn, PromptStrategy
+from .run import Run, backend_config, metric_definition
+from .space import MAX_K, Choice, Float, Int, SearchSpace
+from .strategies.base import ProgressFn
+from .strategies.registry import available_strategies, make_strategy, strategy_class
 from .task import Task
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -57,131 +56,28 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
-@dataclass
-class SearchContext:
-    """What a search strategy needs to run one trial: the task, the scoring oracle and a place for files."""
-
-    task: Task
-    oracle: ValidationOracle
-    backend: Backend
-    max_k: int
-    trial_dir: Path
-    progress: ProgressFn | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class TrialOutcome:
-    """The result of one trial: its val mIoU and the prompt artifact it wrote (``prompt.json``)."""
-
-    val_miou: float
-    prompt_path: Path
-    selected: list[str]
-    info: dict[str, Any] = field(default_factory=dict)
+def suggest(trial: optuna.Trial, space: SearchSpace, prefix: str, max_k: int) -> dict[str, Any]:
+    """One ``trial.suggest_*`` call per declared knob; parameters are named ``prefix.knob``."""
+    out: dict[str, Any] = {}
+    for p in space:
+        name = f"{prefix}.{p.name}"
+        if isinstance(p, Int):
+            high = max_k if p.high == MAX_K else int(p.high)
+            out[p.name] = trial.suggest_int(name, p.low, max(p.low, high), log=p.log)
+        elif isinstance(p, Float):
+            out[p.name] = trial.suggest_float(name, p.low, p.high, log=p.log)
+        elif isinstance(p, Choice):
+            out[p.name] = trial.suggest_categorical(name, list(p.choices))
+        else:  # pragma: no cover - the three kinds above are the whole vocabulary
+            raise TypeError(f"unknown search-space entry {p!r}")
+    return out
 
 
-SearchStrategy = Callable[[optuna.Trial, SearchContext], TrialOutcome]
-BackendSpace = Callable[[optuna.Trial], dict[str, Any]]
-
-_STRATEGIES: dict[str, SearchStrategy] = {}
-_BACKEND_SPACES: dict[str, BackendSpace] = {}
+def searchable_strategies() -> list[str]:
+    """Strategy names usable in ``strategies=`` (those that declare a search space)."""
+    return available_strategies(searchable=True)
 
 
-def register_search_strategy(name: str, fn: SearchStrategy) -> None:
-    """Make a strategy searchable: ``fn(trial, ctx)`` suggests its knobs, fits it and saves its prompt."""
-    _STRATEGIES[name] = fn
-
-
-def register_backend_space(backend: str, fn: BackendSpace) -> None:
-    """Knobs of a backend that the search may tune: ``fn(trial)`` returns backend options."""
-    _BACKEND_SPACES[backend] = fn
-
-
-def search_strategies() -> list[str]:
-    """Names usable in ``strategies=`` (importing the optional strategy modules registers theirs)."""
-    _load_optional()
-    return list(_STRATEGIES)
-
-
-def _load_optional() -> None:
-    import importlib
-
-    for mod in ("promptopt.strategies.retrieval", "promptopt.strategies.tuning"):
-        try:
-            module = importlib.import_module(mod)
-        except ImportError:
-            continue
-        hook = getattr(module, "register_search", None)  # modules imported before this one register here
-        if callable(hook):
-            hook()
-
-
-# --- built-in strategies --------------------------------------------------------------------------
-def _save(ctx: SearchContext, strategy: PromptStrategy) -> Path:
-    return strategy.save_prompt(ctx.trial_dir, ctx.backend.config(), ctx.task.num_classes, ctx.task.category,
-                                extra={"strategy": strategy.name, "val_miou": strategy.score_})  # type: ignore[attr-defined]
-
-
-def _forward(trial: optuna.Trial, ctx: SearchContext) -> TrialOutcome:
-    k = trial.suggest_int("forward.max_prompts", 1, ctx.max_k)
-    patience = trial.suggest_int("forward.patience", 1, 2)
-
-    def report(step: dict[str, Any]) -> None:
-        score = step["score"]
-        if score is not None and not np.isnan(score):
-            trial.report(float(score), step["step"])
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after step {step['step']} (val mIoU {score:.4f})")
-
-    sel = ForwardSelector(ctx.oracle, memory_budget=ctx.extras.get("memory_budget"), max_prompts=k,
-                          patience=patience, progress=ctx.progress, on_step=report).fit(ctx.task.pool)
-    path = _save(ctx, sel)
-    return TrialOutcome(sel.score_, path, sel.selected_ids_, {"stop_reason": sel.stop_reason_})
-
-
-def _random_search(trial: optuna.Trial, ctx: SearchContext) -> TrialOutcome:
-    k = trial.suggest_int("random-search.k", 1, ctx.max_k)
-    n = trial.suggest_categorical("random-search.n_trials", [10, 30])
-    sel = RandomSearch(ctx.oracle, min(k, len(ctx.task.pool)), n_trials=n, seed=trial.number,
-                       progress=ctx.progress).fit(ctx.task.pool)
-    path = _save(ctx, sel)
-    return TrialOutcome(sel.score_, path, sel.selected_ids_)
-
-
-register_search_strategy("forward", _forward)
-register_search_strategy("random-search", _random_search)
-
-
-def _features_space(trial: optuna.Trial) -> dict[str, Any]:
-    scales = trial.suggest_categorical("features.scales", ["1,2,4,8", "1,2,4", "2,4,8,16"])
-    return {
-        "pixels_per_prompt": trial.suggest_categorical("features.pixels_per_prompt", [512, 1024, 2048]),
-        "temperature": trial.suggest_categorical("features.temperature", [0.15, 0.25, 0.4]),
-        "scales": [float(x) for x in scales.split(",")],
-    }
-
-
-def _persam_space(trial: optuna.Trial) -> dict[str, Any]:
-    return {
-        "variant": trial.suggest_categorical("persam.variant", ["persam", "persam-f"]),
-        "kshot": trial.suggest_categorical("persam.kshot", ["output", "mean", "max"]),
-        "refine": trial.suggest_categorical("persam.refine", [True, False]),
-    }
-
-
-def _seggpt_space(trial: optuna.Trial) -> dict[str, Any]:
-    return {
-        "ensemble": trial.suggest_categorical("seggpt.ensemble", ["feature", "output"]),
-        "embedding_type": trial.suggest_categorical("seggpt.embedding_type", ["instance", "semantic"]),
-    }
-
-
-register_backend_space("features", _features_space)
-register_backend_space("persam", _persam_space)
-register_backend_space("seggpt", _seggpt_space)
-
-
-# --- the search -----------------------------------------------------------------------------------
 def open_storage(storage: str | None, run_dir: Path) -> Any:
     """An Optuna storage: default journal file in the run folder; a URL; or a journal file path."""
     if storage is None:
@@ -201,27 +97,28 @@ class PromptSearch:
     Parameters
     ----------
     backend:
-        Registry name of the backend (each trial builds it with the options the trial suggests).
+        The backend to search with: a :class:`BackendSpec` (or a registry name); each trial builds it
+        with the options it suggests on top of the spec's.
     strategies:
-        Strategy names to search over (see :func:`search_strategies`).
+        Strategy names to search over (see :func:`searchable_strategies`).
     n_trials:
         Finished trials (complete or pruned) the study should hold after ``fit``.
     storage, study_name:
         Where the study lives (see the module docstring); by default a journal file in ``run_dir``.
     tune_backend:
-        Let trials choose the backend's options (when a search space is registered for it).
+        Let trials choose the backend's declared options.
 
     Attributes after ``fit``: ``study_``, ``best_params_``, ``best_value_`` (val mIoU),
     ``best_trial_``, ``best_prompt_`` (path of the best trial's prompt.json), ``trials_run_``
     (numbers of the trials this call ran).
     """
 
-    def __init__(self, task: Task, run_dir: str | Path, backend: str = "features", checkpoint: str | None = None,
-                 backend_options: Mapping[str, Any] | None = None, strategies: Sequence[str] = ("forward", "random-search"),
-                 n_trials: int = 20, max_k: int = 8, storage: str | None = None, study_name: str | None = None,
-                 seed: int | None = 0, tune_backend: bool = True, memory_budget: str | int | None = None,
+    def __init__(self, task: Task, run_dir: str | Path, backend: BackendSpec | str = "features", *,
+                 strategies: Sequence[str] = ("forward", "random-search"), n_trials: int = 20, max_k: int = 8,
+                 storage: str | None = None, study_name: str | None = None, seed: int | None = 0,
+                 tune_backend: bool = True, memory_budget: str | int | None = None,
                  pruner: optuna.pruners.BasePruner | None = None, progress: ProgressFn | None = None) -> None:
-        known = search_strategies()
+        known = searchable_strategies()
         unknown = [s for s in strategies if s not in known]
         if unknown:
             raise ConfigError(f"unknown search strategy {unknown[0]!r}; available: {', '.join(known)}")
@@ -230,10 +127,8 @@ class PromptSearch:
         if n_trials < 1 or max_k < 1:
             raise ConfigError("n_trials and max_k must be at least 1")
         self.task = task
-        self.run_dir = check_run_dir(run_dir)
-        self.backend_name = backend
-        self.checkpoint = checkpoint
-        self.backend_options = dict(backend_options or {})
+        self.run_dir = Path(run_dir)
+        self.backend = BackendSpec(backend) if isinstance(backend, str) else backend
         self.strategies = list(strategies)
         self.n_trials = int(n_trials)
         self.max_k = min(int(max_k), len(task.pool))
@@ -246,50 +141,60 @@ class PromptSearch:
         self.progress = progress
         self._backends: dict[str, tuple[Backend, ValidationOracle]] = {}
 
+    @property
+    def backend_space(self) -> SearchSpace:
+        return tuple(backend_class(self.backend.name).search_space) if self.tune_backend else ()
+
     # a trial's backend (and its oracle, with its pair cache) is reused by later trials with the same options
     def _backend(self, options: dict[str, Any]) -> tuple[Backend, ValidationOracle]:
         key = fingerprint(options)
         if key not in self._backends:
             if len(self._backends) >= 3:
                 self._backends.pop(next(iter(self._backends)))
-            be = create_backend(self.backend_name, self.checkpoint, options)
+            be = self.backend.build(**options)
             self._backends[key] = (be, ValidationOracle(be, self.task.split.val, self.task.num_classes))
         return self._backends[key]
 
-    def _task_fingerprint(self) -> str:
-        return fingerprint({"task": self.task.describe(), "backend": self.backend_name, "checkpoint": self.checkpoint,
-                            "options": self.backend_options, "strategies": self.strategies, "max_k": self.max_k})
+    def spec(self) -> dict[str, Any]:
+        """What identifies the study's search (``n_trials`` excluded: a study can be extended)."""
+        return {"kind": "search", "task": self.task.describe(), "backend": backend_config(self.backend),
+                "strategies": self.strategies, "max_k": self.max_k, "tune_backend": self.tune_backend,
+                "memory_budget": self.memory_budget, "study_name": self.study_name}
 
     def objective(self, trial: optuna.Trial) -> float:
         """Val mIoU of the strategy and knobs this trial suggests (Optuna's objective)."""
         t0 = time.perf_counter()
         strategy = trial.suggest_categorical("strategy", self.strategies)
-        options = dict(self.backend_options)
-        if self.tune_backend and self.backend_name in _BACKEND_SPACES:
-            options.update(_BACKEND_SPACES[self.backend_name](trial))
-        backend, oracle = self._backend(options)
+        options = suggest(trial, strategy_class(strategy).search_space or (), strategy, self.max_k)
+        backend_options = suggest(trial, self.backend_space, self.backend.name, self.max_k)
+        backend, oracle = self._backend(backend_options)
         forwards0 = oracle.forwards
-        ctx = SearchContext(self.task, oracle, backend, self.max_k, self.run_dir / "trials" / f"{trial.number:04d}",
-                            self.progress, {"memory_budget": self.memory_budget, "backend_options": options})
+
+        def report(step: int, value: float) -> None:
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after step {step} (val mIoU {value:.4f})")
+
         try:
-            outcome = _STRATEGIES[strategy](trial, ctx)
+            sel = make_strategy(strategy, oracle, strict=False, memory_budget=self.memory_budget,
+                                progress=self.progress, on_step=report, seed=trial.number, **options).fit(self.task.pool)
         except BudgetError as exc:
             raise optuna.TrialPruned(f"does not fit the memory budget: {exc}") from None
-        trial.set_user_attr("prompt", str(outcome.prompt_path.relative_to(self.run_dir)))
-        trial.set_user_attr("selected", outcome.selected)
+        folder = self.run_dir / "trials" / f"{trial.number:04d}"
+        path = sel.save_prompt(folder, category=self.task.category)
+        trial.set_user_attr("prompt", str(path.relative_to(self.run_dir)))
+        trial.set_user_attr("selected", sel.selected_ids_)
         trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
         trial.set_user_attr("forwards", oracle.forwards - forwards0)
         trial.set_user_attr("wall_s", round(time.perf_counter() - t0, 3))
-        for k, v in outcome.info.items():
-            trial.set_user_attr(k, v)
-        return float(outcome.val_miou)
+        return float(sel.score_)
 
     def fit(self) -> "PromptSearch":
         store = open_storage(self.storage, self.run_dir)
         sampler = optuna.samplers.TPESampler(seed=self.seed)
         study = optuna.create_study(study_name=self.study_name, storage=store, direction="maximize",
                                     sampler=sampler, pruner=self.pruner, load_if_exists=True)
-        fp = self._task_fingerprint()
+        fp = fingerprint(self.spec())
         have = study.user_attrs.get("task_fingerprint")
         if have is None:
             study.set_user_attr("task_fingerprint", fp)
@@ -327,10 +232,10 @@ def score_artifact(prompt_path: str | Path, samples: Sequence[Sample], num_class
     art = load_prompt(prompt_path)
     backend = art.build_backend()
     acc = IoUAccumulator(num_classes)
-    for s in samples:
-        acc.add(predict_labels(art, [s], backend)[0], s.mask, s.id)
+    for s, labels in zip(samples, predict_labels(art, samples, backend)):
+        acc.add(labels, s.mask, s.id)
     res = acc.result()
-    return {"miou": res.miou, "per_image_iou": res.per_image_iou}
+    return {"miou": res.miou, "fb_iou": res.summary.get("fb_iou"), "per_image_iou": res.per_image_iou}
 
 
 def _publish(src: Path, dest: Path) -> None:
@@ -354,10 +259,20 @@ def _publish(src: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def run_search(task: Task, out_dir: str | Path, command: str | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Run (or resume, or join) the study for one task; write best/, result.json and the report."""
+def run_search(task: Task, out: str | Path, backend: BackendSpec | str = "features", *, restart: bool = False,
+               command: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Run (or resume, or join, or extend) the study for one task; write best/, result.json and the report.
+
+    The run folder is a :class:`~promptopt.run.Run`: a finished search with at least ``n_trials`` trials
+    is returned as it is.
+    """
+    search = PromptSearch(task, out, backend, **kwargs)
+    run = Run(out, search.spec(), restart=restart)
+    if run.finished and run.result().get("n_trials", 0) >= search.n_trials:
+        return run.result()
     t0 = time.perf_counter()
-    search = PromptSearch(task, out_dir, **kwargs).fit()
+    run.begin()  # the study and the trial folders live in the run folder: it must be a run before they exist
+    search.fit()
     out = search.run_dir
     _publish(search.best_prompt_.parent, out / "best")
     # scored from the trial's own folder, which no other worker ever rewrites
@@ -367,75 +282,68 @@ def run_search(task: Task, out_dir: str | Path, command: str | None = None, **kw
     top = sorted((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: -t.value)[:10]
     result = {
         "kind": "search",
-        "category": task.category,
-        "backend": search.backend_name,
+        **task.describe(),
+        "backend": search.backend.name,
+        "backend_config": backend_config(search.backend),
         "study_name": search.study_name,
         "storage": search.storage or str(out / "study.log"),
         "strategies": search.strategies,
+        "n_trials": search.n_trials,
         "best_trial": search.best_trial_.number,
         "best_params": search.best_params_,
+        "strategy": search.best_params_.get("strategy"),
         "val_miou": search.best_value_,
         "test_miou": test["miou"] if test else None,
+        "test_fb_iou": test["fb_iou"] if test else None,
         "test_per_image_iou": test["per_image_iou"] if test else None,
         "selected": search.best_trial_.user_attrs.get("selected", []),
         "prompt": "best/prompt.json",
-        "trials": {"total": len(trials), **{k: v for k, v in states.items() if v}, "run_by_this_call": search.trials_run_},
+        "trials": {"total": len(trials), **{k: v for k, v in states.items() if v}},
         "top_trials": [{"number": t.number, "value": t.value, "params": t.params} for t in top],
-        "split": task.split.ids(),
-        "split_seed": task.split_seed,
-        "wall_s": round(time.perf_counter() - t0, 3),
+        "metric": metric_definition(task.num_classes),
         "command": command,
     }
-    atomic_write_json(out / "result.json", result)
+    cost = {"wall_s_session": round(time.perf_counter() - t0, 3), "trials_run_by_this_call": search.trials_run_}
     write_search_report(out, result, search.study_, task, search.best_prompt_)
-    return result
+    return run.finish(result, cost)
 
 
 def write_search_report(out: Path, result: dict[str, Any], study: optuna.Study, task: Task,
-                        best_prompt: Path | None = None) -> Path:
+                        best_prompt: Path) -> Path:
     """report.md/.html: best configuration, Optuna's history and importance plots, best prompts and predictions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as ovm
-
-    from .report import fmt, markdown_table, plot_predictions, plot_prompts, write_report
-
-    figs: list[tuple[str, str]] = []
-
-    def save(ax_or_fig: Any, name: str) -> str:
-        fig = ax_or_fig.figure if hasattr(ax_or_fig, "figure") and not hasattr(ax_or_fig, "savefig") else ax_or_fig
-        fig.set_size_inches(6.5, 3.8)
-        fig.tight_layout()
-        path = out / name
-        tmp = path.with_name(f".{name}.{os.getpid()}.png")
-        fig.savefig(tmp, dpi=90)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return name
-
     import warnings
 
+    import optuna.visualization.matplotlib as ovm
+
+    from .plots import plot_predictions, plot_prompts, save_figure
+    from .predict import predict_labels
+    from .report import figures_and_command, fmt, markdown_table, write_report
+
+    def save(ax: Any, name: str) -> str:
+        fig = ax.figure if hasattr(ax, "figure") and not hasattr(ax, "savefig") else ax
+        fig.set_size_inches(6.5, 3.8)
+        fig.tight_layout()
+        return save_figure(fig, out / name, dpi=90).name
+
+    figs: list[tuple[str, str]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
         figs.append(("Optimisation history (val mIoU per trial)", save(ovm.plot_optimization_history(study), "history.png")))
         try:
             figs.append(("Parameter importances (fANOVA on val mIoU)",
                          save(ovm.plot_param_importances(study), "importances.png")))
-        except (ValueError, RuntimeError) as exc:  # too few trials or a degenerate search space
-            figs.append((f"Parameter importances not available: {exc}", ""))
-    art = load_prompt(best_prompt or out / "best" / "prompt.json")
+        except (ValueError, RuntimeError):  # too few trials or a degenerate search space
+            pass
+    art = load_prompt(best_prompt)
     prompts = art.samples()
     if prompts:
         figs.append(("Prompts of the best trial", plot_prompts(prompts, out / "prompts.png").name))
     if task.split.test:
-        from .predict import predict_labels
-
-        shown = task.split.test[:6]
-        labels = predict_labels(art, shown)
-        ious = [result["test_per_image_iou"].get(s.id, float("nan")) for s in shown]
-        figs.append(("Best configuration on test images", plot_predictions(shown, labels, out / "predictions.png", ious).name))
+        per = result["test_per_image_iou"] or {}
+        worst = sorted(task.split.test, key=lambda s: per.get(s.id) if per.get(s.id) is not None else -1.0)[:6]
+        figs.append(("The worst test images under the best configuration (lowest IoU first)",
+                     plot_predictions(worst, predict_labels(art, worst), out / "predictions.png",
+                                      [per.get(s.id, float("nan")) for s in worst]).name))
     params = markdown_table(["parameter", "value"], [[k, v] for k, v in sorted(result["best_params"].items())])
     top = markdown_table(["trial", "val mIoU", "strategy", "parameters"],
                          [[t["number"], t["value"], t["params"].get("strategy"),
@@ -446,10 +354,11 @@ def write_search_report(out: Path, result: dict[str, Any], study: optuna.Study, 
         f"# promptopt search — {result['category']}",
         "",
         f"- Study `{result['study_name']}` in `{result['storage']}`: {tr['total']} trials "
-        f"({', '.join(f'{k} {v}' for k, v in tr.items() if k not in ('total', 'run_by_this_call'))})",
+        f"({', '.join(f'{k} {v}' for k, v in tr.items() if k != 'total')})",
         f"- Backend `{result['backend']}`; strategies searched: {', '.join(result['strategies'])}",
         f"- Best trial {result['best_trial']}: val mIoU (optimised) **{fmt(result['val_miou'])}**, "
-        f"test mIoU (held out, scored once) **{fmt(result['test_miou'])}**",
+        f"test mIoU (held out, scored once) **{fmt(result['test_miou'])}** (FB-IoU {fmt(result['test_fb_iou'])})",
+        f"- Metric: {result['metric']}",
         f"- Best prompt: `best/prompt.json` ({', '.join(result['selected']) or 'learned context'})",
         "",
         "## Best configuration",
@@ -461,9 +370,9 @@ def write_search_report(out: Path, result: dict[str, Any], study: optuna.Study, 
         top,
         "",
     ]
-    for caption, name in figs:
-        md += [f"### {caption}", ""] + ([f"![{caption}]({name})", ""] if name else [])
-    if result.get("command"):
-        md += ["## Command", "", "```", result["command"], "```", ""]
+    md += figures_and_command(figs, result.get("command"))
     write_report(out, "\n".join(md))
     return out / "report.md"
+
+
+__all__ = ["PromptSearch", "run_search", "score_artifact", "open_storage", "suggest", "searchable_strategies"]

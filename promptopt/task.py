@@ -13,10 +13,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .backends.base import Backend, Prompt
+from .backends.base import Backend
 from .data import Dataset, MaskMode, Sample, Split, load_dataset, split_samples
 from .errors import ConfigError
-from .oracle import OracleResult, ValidationOracle
+from .oracle import ValidationOracle
 
 
 @dataclass
@@ -76,32 +76,19 @@ class Task:
                 "data_root": str(self.data_root) if self.data_root else None, **{"split": self.split.ids()}}
 
 
-@dataclass
-class Evaluation:
-    """Val and test scores of one prompt set."""
+def evaluate_task(task: Task, backend: Backend, prompts: Sequence[str] | None = None, shots: int | None = None,
+                  seed: int = 0) -> dict:
+    """Val and test scores (dataset-level and per image) of one prompt set, named by pool ids or drawn (``shots``).
 
-    prompts: list[str]
-    val: OracleResult
-    test: OracleResult | None
-
-    @property
-    def val_miou(self) -> float:
-        return self.val.miou
-
-    @property
-    def test_miou(self) -> float | None:
-        return self.test.miou if self.test else None
-
-    def to_dict(self) -> dict:
-        return {"prompts": self.prompts, "val_miou": self.val_miou, "test_miou": self.test_miou,
-                "val": self.val.to_dict(), "test": self.test.to_dict() if self.test else None}
-
-
-def evaluate_prompts(val_oracle: ValidationOracle, test_oracle: ValidationOracle | None,
-                     prompts: Sequence[Prompt]) -> Evaluation:
-    """Score a prompt set on val (what strategies optimise) and on test (held out)."""
-    return Evaluation(
-        prompts=[p.key.split("/")[-1] for p in prompts],
-        val=val_oracle.score(prompts),
-        test=test_oracle.score(prompts) if test_oracle else None,
-    )
+    What ``promptopt evaluate`` prints; a JSON-able dict.
+    """
+    if (prompts is None) == (shots is None):
+        raise ConfigError("give exactly one of --prompts ID,ID,... or --shots K")
+    chosen = task.split.find_pool(prompts) if prompts is not None else task.draw_prompts(shots, seed)
+    if not chosen:
+        raise ConfigError("--prompts names no sample id")
+    val, test = task.oracles(backend)
+    return {"category": task.category, "backend": backend.config(), "num_classes": task.num_classes,
+            "split_seed": task.split_seed, "split": task.split.ids(), "prompts": [s.id for s in chosen],
+            "val": val.score(chosen).to_dict(), "test": test.score(chosen).to_dict() if test else None,
+            "oracle": {"val": val.stats, "test": test.stats if test else None}}

@@ -36,7 +36,7 @@ Flow: **dataset → backend (segmenter) → oracle (val mIoU) → strategy → a
 %matplotlib inline
 import matplotlib.pyplot as plt
 from promptopt.data import bundled_sample_root, load_dataset
-from promptopt.task import Task, evaluate_prompts
+from promptopt.task import Task
 from promptopt.backends import create_backend
 
 ds = load_dataset(bundled_sample_root())
@@ -49,8 +49,9 @@ print({k: len(v) for k, v in task.split.ids().items()})
 backend = create_backend("features")
 val_oracle, test_oracle = task.oracles(backend)
 two = task.draw_prompts(2, seed=0)
-ev = evaluate_prompts(val_oracle, test_oracle, two)
-print(f"random 2 prompts {ev.prompts}: val mIoU {ev.val_miou:.3f}, test mIoU {ev.test_miou:.3f}")
+val_score, test_score = val_oracle.score(two), test_oracle.score(two)
+print(f"random 2 prompts {[s.id for s in two]}: val mIoU {val_score.miou:.3f}, test mIoU {test_score.miou:.3f}")
+assert set(val_score.per_image_iou) == {s.id for s in task.split.val}
 """),
     md("## Forward selection\nGrow the prompt set one example at a time, keeping the example that raises val mIoU most (scikit-learn style: `fit` returns self, results in attributes ending in `_`)."),
     code("""
@@ -58,11 +59,12 @@ from promptopt.strategies import ForwardSelector
 
 fwd = ForwardSelector(val_oracle, max_prompts=4).fit(task.pool)
 print("selected:", fwd.selected_ids_, "stop:", fwd.stop_reason_)
-print(f"val mIoU {fwd.score_:.3f}   test mIoU {test_oracle.score(fwd.selected_).miou:.3f}")
+print(f"val mIoU {fwd.score_:.3f}   test mIoU {fwd.evaluate(test_oracle).miou:.3f}")
 print("oracle:", val_oracle.stats)
+assert fwd.score_ == val_oracle.score(fwd.selected_).miou and 1 <= len(fwd.selected_) <= 4
 """),
     code("""
-from promptopt.report import mask_overlay, error_overlay
+from promptopt.plots import mask_overlay, error_overlay
 from promptopt.oracle import prediction_to_labels
 
 fig, axes = plt.subplots(1, len(fwd.selected_), figsize=(3 * len(fwd.selected_), 2.2), squeeze=False)
@@ -78,18 +80,19 @@ for ax, s, p in zip(axes[0], shown, probs):
 plt.suptitle("green: correct, red: false positive, blue: missed", fontsize=8)
 plt.show()
 """),
-    md("## Save the prompt and segment new images\nA prompt artifact is a `prompt.json` plus copies of the prompt files; `promptopt predict` uses the same function."),
+    md("## Save the prompt and segment new images\nA prompt artifact is a `prompt.json` plus copies of the prompt files; `promptopt predict` uses the same function.\n\nThe whole pipeline with baselines, resume and a report is one call: `promptopt.run.run_strategy(task, backend, out_dir, \"forward\", {\"max_prompts\": 4})` (what `promptopt select` runs)."),
     code("""
 import tempfile
 from pathlib import Path
-from promptopt.artifacts import save_prompt
 from promptopt.predict import image_samples, predict_labels
 
 run = Path(tempfile.mkdtemp())
-path = save_prompt(run, backend.config(), fwd.selected_, task.num_classes, task.category)
+path = fwd.save_prompt(run, category=task.category)
 new_images = image_samples([s.path for s in task.split.test[:3]])
 labels = predict_labels(path, new_images)
 print(path, [l.shape for l in labels], [int(l.sum()) for l in labels])
+direct = [prediction_to_labels(p).numpy() for p in backend.predict(fwd.selected_, new_images, task.num_classes)]
+assert all((a == b).all() for a, b in zip(labels, direct)), "the saved prompt predicts what the selector chose"
 """),
 ]
 
@@ -109,8 +112,7 @@ import numpy as np
 from promptopt.data import bundled_sample_root
 from promptopt.task import Task
 from promptopt.backends import create_backend
-from promptopt.strategies import BestSingle
-from promptopt.strategies.tuning import ContextTuner, score_contexts
+from promptopt.strategies import BestSingle, ContextTuner
 
 task = Task.from_folder(bundled_sample_root(), "dog", pool=0.5, val=0.25, seed=0)
 backend = create_backend("features", options={"max_side": 128, "pixels_per_prompt": 512})
@@ -120,11 +122,10 @@ print("start from", [s.id for s in start], f"val mIoU {val_oracle.score(start).m
 """),
     md("## Tune\nAdam with warm-up and cosine decay; the current context is scored on val every few steps and the best one is kept (early stopping). Model weights cannot change: the tuner freezes them and checks after every backward pass."),
     code("""
-train = [s for s in task.pool if s.id != start[0].id]
-tuner = ContextTuner(backend, init=start, steps=12, lr=0.05, batch_size=3, warmup=2, eval_every=3).fit(train, val_oracle)
+tuner = ContextTuner(val_oracle, init=start, steps=12, lr=0.05, batch_size=3, warmup=2, eval_every=3).fit(task.pool)
 print(f"val mIoU: start {tuner.initial_score_:.3f} -> tuned {tuner.score_:.3f} (best step {tuner.best_step_})")
-print(f"test mIoU: start {score_contexts(backend, tuner.initial_contexts_, task.split.test, task.num_classes).miou:.3f}"
-      f" -> tuned {score_contexts(backend, tuner.contexts_, task.split.test, task.num_classes).miou:.3f}")
+print(f"test mIoU: start {tuner.extra_scores(test_oracle)['start']:.3f} -> tuned {tuner.evaluate(test_oracle).miou:.3f}")
+assert tuner.score_ == max(h["val_miou"] for h in tuner.history_)
 """),
     code("""
 fig, axes = plt.subplots(1, 3, figsize=(11, 2.6))
@@ -144,10 +145,12 @@ from pathlib import Path
 from promptopt.predict import predict_labels
 
 run = Path(tempfile.mkdtemp())
-path = tuner.save_prompt(run, backend.config(), task.category)   # prompt.json + context.safetensors
+path = tuner.save_prompt(run, category=task.category)   # prompt.json + context.safetensors
 labels = predict_labels(path, task.split.test[:3])
 direct = [p.argmax(0).numpy() for p in backend.predict(tuner.contexts_, task.split.test[:3], task.num_classes)]
-print("reloaded prediction equals the tuner's:", all((a == b).all() for a, b in zip(labels, direct)))
+same = all((a == b).all() for a, b in zip(labels, direct))
+print("reloaded prediction equals the tuner's:", same)
+assert same
 """),
 ]
 
@@ -176,15 +179,17 @@ val, test = task.oracles(backend)
 K = 3
 rows = {}
 fwd = ForwardSelector(val, max_prompts=K).fit(task.pool)
-rows["forward"] = (fwd.score_, test.score(fwd.selected_).miou)
-rnd = RandomK(val, len(fwd.selected_), seeds=5).fit(task.pool)
-rows["random-k (mean)"] = (rnd.score_mean_, float(np.mean([test.score(d["selected"]).miou for d in rnd.draws_])))
+rows["forward"] = (fwd.score_, fwd.evaluate(test).miou)
+k = len(fwd.selected_)
+rnd = RandomK(val, k=k, seeds=5).fit(task.pool)
+rows["random-k (mean)"] = (rnd.extra_scores(val)["mean"], rnd.extra_scores(test)["mean"])
 for name, strat in {"best single": BestSingle(val),
-                    "random search": RandomSearch(val, len(fwd.selected_), n_trials=val.calls),
-                    "worst-case greedy": WorstCaseGreedy(val, len(fwd.selected_))}.items():
+                    "random search": RandomSearch(val, k=k, n_trials=fwd.n_evaluations_),  # the same oracle budget
+                    "worst-case greedy": WorstCaseGreedy(val, max_prompts=k)}.items():
     strat.fit(task.pool)
-    rows[name] = (strat.score_, test.score(strat.selected_).miou)
+    rows[name] = (strat.score_, strat.evaluate(test).miou)
 print("forward selected", fwd.selected_ids_)
+assert rows["best single"][0] <= rows["forward"][0]  # forward's first step is the best single example
 """),
     md("## Retrieval: a prompt per image\nThe pool is embedded once with the weight-free encoder and indexed with FAISS; each image's k nearest pool examples are its prompt."),
     code("""
@@ -193,18 +198,16 @@ from promptopt.index import build_index
 from promptopt.strategies.retrieval import RetrievalSelector
 
 index = build_index(list(task.pool), create_encoder("features"), kind="flat")
-ret = RetrievalSelector(val, index, k=K).fit(task.pool)
+ret = RetrievalSelector(val, index=index, k=K).fit(task.pool)
 rows["retrieval"] = (ret.score_, ret.evaluate(test).miou)
 print({q: p for q, p in list(ret.assignment_.items())[:3]})
 """),
     md("## Tuned context\nStart from the best single example and learn its image and mask with the model frozen."),
     code("""
-from promptopt.strategies.tuning import ContextTuner, score_contexts
+from promptopt.strategies import ContextTuner
 
-best = BestSingle(val).fit(task.pool).selected_
-train = [s for s in task.pool if s not in best]
-tuner = ContextTuner(backend, init=best, steps=8, lr=0.05, batch_size=3, warmup=1, eval_every=4).fit(train, val)
-rows["tuned context"] = (tuner.score_, score_contexts(backend, tuner.contexts_, task.split.test, task.num_classes).miou)
+tuner = ContextTuner(val, init="best-single", steps=8, lr=0.05, batch_size=3, warmup=1, eval_every=4).fit(task.pool)
+rows["tuned context"] = (tuner.score_, tuner.evaluate(test).miou)
 """),
     code("""
 names = list(rows)
@@ -220,11 +223,11 @@ for n in names:
     md("## What the predictions look like\nGreen: correct foreground, red: false positive, blue: missed."),
     code("""
 from promptopt.oracle import prediction_to_labels
-from promptopt.report import error_overlay
+from promptopt.plots import error_overlay
 
 shown = task.split.test[:3]
 preds = {"forward": backend.predict(fwd.selected_, shown, task.num_classes),
-         "random-k (seed 0)": backend.predict(rnd.draws_[0]["selected"], shown, task.num_classes),
+         "random-k (seed 0)": backend.predict(rnd.draws_[0], shown, task.num_classes),
          "tuned context": backend.predict(tuner.contexts_, shown, task.num_classes)}
 fig, axes = plt.subplots(len(preds), len(shown), figsize=(3 * len(shown), 2 * len(preds)), squeeze=False)
 for r, (name, probs) in enumerate(preds.items()):

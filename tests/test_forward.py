@@ -1,4 +1,3 @@
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -59,7 +58,7 @@ class ScriptedOracle:
         self.table = table
         self.samples = [Sample("v", "c", image=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), int))]
         self.backend = SimpleNamespace(memory_bytes=lambda k, size=None: memory(k), name="scripted",
-                                       config=lambda: {"name": "scripted"})
+                                       config=lambda: {"name": "scripted"}, memory_kind="scripted")
         self.num_classes = 2
         self.uses_pair_cache = True
         self.calls = 0
@@ -125,26 +124,33 @@ def test_real_budget_too_small(car):
 
 
 def test_resume_after_interruption(car, tmp_path):
+    """Interrupted after step 2, a fit with the run's checkpoint continues from there and ends where an
+    uninterrupted fit ends; another configuration refuses the checkpoint instead of reusing it."""
+    from promptopt.run import Run
+
     full = ForwardSelector(ValidationOracle(small_backend(), car.val), max_prompts=3).fit(car.pool)
 
     def interrupt(label, done, total):
         if label == "step" and done == 2 and done < total:
             raise KeyboardInterrupt
 
-    ckpt = tmp_path / "state.json"
+    run = Run(tmp_path / "run", {"test": "forward"})
     with pytest.raises(KeyboardInterrupt):
-        ForwardSelector(ValidationOracle(small_backend(), car.val), max_prompts=3, checkpoint=ckpt,
+        ForwardSelector(ValidationOracle(small_backend(), car.val), max_prompts=3, checkpoint=run.checkpoint("s"),
                         progress=interrupt).fit(car.pool)
-    saved = json.loads(ckpt.read_text())["data"]
+    run = Run(tmp_path / "run", {"test": "forward"})  # a new process: the state is read back from disk
+    saved, _ = run.checkpoint("s").load(ForwardSelector(ValidationOracle(small_backend(), car.val),
+                                                        max_prompts=3)._fingerprint(car.pool))
     assert len(saved["history"]) == 2
     oracle = ValidationOracle(small_backend(), car.val)
-    resumed = ForwardSelector(oracle, max_prompts=3, checkpoint=ckpt).fit(car.pool)
+    resumed = ForwardSelector(oracle, max_prompts=3, checkpoint=run.checkpoint("s")).fit(car.pool)
     assert resumed.resumed_steps_ == 2
-    assert resumed.selected_ids_ == full.selected_ids_
+    assert resumed.selected_ids_ == full.selected_ids_ and resumed.n_evaluations_ == full.n_evaluations_
     assert resumed.history_[:2] == saved["history"]
-    # a different configuration does not reuse the state
-    other = ForwardSelector(ValidationOracle(small_backend(), car.val), max_prompts=2, checkpoint=ckpt).fit(car.pool)
-    assert other.resumed_steps_ == 0
+    assert oracle.calls == len(car.pool) - 2  # only step 3's candidates were scored in the resumed fit
+    with pytest.raises(ConfigError, match="another configuration"):
+        ForwardSelector(ValidationOracle(small_backend(), car.val), max_prompts=2,
+                        checkpoint=run.checkpoint("s")).fit(car.pool)
 
 
 def test_baselines(car):
@@ -153,10 +159,12 @@ def test_baselines(car):
     singles = best.history_[0]["candidates"]
     assert best.score_ == max(singles.values())
     rnd = RandomK(o, k=2, seeds=4).fit(car.pool)
-    assert len(rnd.draws_) == 4 and all(len(d["selected"]) == 2 for d in rnd.draws_)
-    assert rnd.score_mean_ == pytest.approx(np.mean([d["val_miou"] for d in rnd.draws_]))
+    assert len(rnd.draws_) == 4 and all(len(d) == 2 for d in rnd.draws_)
+    assert rnd.extra_scores(o)["mean"] == pytest.approx(np.mean([h["val_miou"] for h in rnd.history_]))
+    assert rnd.n_evaluations_ == 4 and best.n_evaluations_ == len(car.pool)
     rs = RandomSearch(o, k=3, n_trials=10, seed=0).fit(car.pool)
     assert len(rs.history_) == 10 and rs.score_ == max(h["val_miou"] for h in rs.history_)
+    assert max(len(h["selected"]) for h in rs.history_) <= 3
     wc = WorstCaseGreedy(o, max_prompts=3).fit(car.pool)
     assert wc.selected_[0].id == best.selected_[0].id and 1 <= len(wc.selected_) <= 3
     for s in (best, rnd, rs, wc):

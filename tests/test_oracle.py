@@ -1,5 +1,3 @@
-import math
-from typing import Sequence
 
 import numpy as np
 import pytest
@@ -9,7 +7,6 @@ from promptopt.backends.base import Backend
 from promptopt.backends.features import FeaturesBackend
 from promptopt.data import load_dataset, split_samples
 from promptopt.errors import ConfigError, DataError
-from promptopt.metrics import IoUAccumulator
 from promptopt.oracle import ValidationOracle, prediction_to_labels
 
 

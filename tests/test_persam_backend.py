@@ -292,7 +292,7 @@ def test_cli_evaluate_with_persam(sam_dir, sample_root):
                                  "--test", "2", "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["backend"]["name"] == "persam" and 0.0 <= doc["val_miou"] <= 1.0
+    assert doc["backend"]["name"] == "persam" and 0.0 <= doc["val"]["miou"] <= 1.0
     r = CliRunner().invoke(app, ["evaluate", "--data", str(sample_root), "--category", "dog", "--backend", "persam",
                                  "--checkpoint", "/no/such/sam", "--shots", "1"])
     assert r.exit_code == 2 and "SAM checkpoint folder not found" in r.output

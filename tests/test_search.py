@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from promptopt.artifacts import load_prompt, read_json
-from promptopt.backends import create_backend
+from promptopt.backends import BackendSpec, create_backend
 from promptopt.cli import app
 from promptopt.errors import ConfigError
 from promptopt.oracle import ValidationOracle
@@ -30,7 +30,7 @@ def test_search_result_is_the_oracle_score_and_resumes(blob_dataset: Path, tmp_p
     res = run_search(task, out, n_trials=4, max_k=3, tune_backend=False)
     for key in ("best_params", "val_miou", "test_miou", "selected", "trials", "split", "prompt"):
         assert key in res
-    assert res["trials"]["total"] == 4 and res["trials"]["run_by_this_call"] == [0, 1, 2, 3]
+    assert res["trials"]["total"] == 4 and read_json(out / "cost.json")["trials_run_by_this_call"] == [0, 1, 2, 3]
     assert (out / "best" / "prompt.json").is_file() and (out / "report.html").is_file()
     assert (out / "history.png").is_file()
     # the reported val mIoU is what the oracle gives for the saved best prompt; test is scored on test
@@ -40,12 +40,13 @@ def test_search_result_is_the_oracle_score_and_resumes(blob_dataset: Path, tmp_p
     test = ValidationOracle(backend, task.split.test, task.num_classes).score(art.samples()).miou
     assert res["val_miou"] == pytest.approx(val, abs=1e-12)
     assert res["test_miou"] == pytest.approx(test, abs=1e-12)
-    assert score_artifact(out / "best" / "prompt.json", task.split.val, task.num_classes)["miou"] == pytest.approx(val)
-    # rerunning the same command does no new trial; asking for more adds exactly the missing ones
+    # rerunning the finished command does no new trial and changes no file; asking for more adds the missing ones
+    stamp = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
     again = run_search(task, out, n_trials=4, max_k=3, tune_backend=False)
-    assert again["trials"]["run_by_this_call"] == [] and again["val_miou"] == res["val_miou"]
+    assert again == res
+    assert stamp == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
     more = run_search(task, out, n_trials=6, max_k=3, tune_backend=False)
-    assert more["trials"]["run_by_this_call"] == [4, 5] and more["trials"]["total"] == 6
+    assert read_json(out / "cost.json")["trials_run_by_this_call"] == [4, 5] and more["trials"]["total"] == 6
     assert more["val_miou"] >= res["val_miou"]
 
 
@@ -55,6 +56,9 @@ def test_search_refuses_a_study_made_for_another_task(blob_dataset: Path, tmp_pa
     other = Task.from_folder(blob_dataset, "blob", pool=6, val=3, test=3, seed=1)
     with pytest.raises(ConfigError, match="another task"):
         PromptSearch(other, out, n_trials=2, max_k=2, tune_backend=False, strategies=["forward"]).fit()
+    run_search(_task(blob_dataset), tmp_path / "run2", n_trials=1, max_k=2, tune_backend=False, strategies=["forward"])
+    with pytest.raises(ConfigError, match="holds a different run .*split_seed: 0 → 1"):
+        run_search(other, tmp_path / "run2", n_trials=1, max_k=2, tune_backend=False, strategies=["forward"])
 
 
 def test_pruning_uses_forward_steps_and_all_pruned_is_a_clear_error(blob_dataset: Path, tmp_path: Path) -> None:
@@ -157,16 +161,30 @@ def test_cli_search_then_predict(blob_dataset: Path, tmp_path: Path) -> None:
 
 
 def test_retrieval_and_tuned_are_searchable(blob_dataset: Path, tmp_path: Path) -> None:
+    """Retrieval and tuned trials save artifacts that reproduce, through promptopt predict's path, the val score
+    the trial's strategy reported, and the reported test score equals an independent oracle computation."""
+    from promptopt.predict import predict_with_prompts
+    from promptopt.strategies.tuning import load_contexts
+
     task = _task(blob_dataset)
     for strategy in ("retrieval", "tuned"):
         out = tmp_path / strategy
         res = run_search(task, out, n_trials=2, max_k=2, tune_backend=False, strategies=[strategy])
         assert res["best_params"]["strategy"] == strategy
-        art = load_prompt(out / "best" / "prompt.json")
+        best = out / "best" / "prompt.json"
+        art = load_prompt(best)
         assert art.kind == strategy
-        # the test number is the saved artifact applied to the test images
-        assert res["test_miou"] == pytest.approx(score_artifact(out / "best" / "prompt.json", task.split.test,
-                                                                task.num_classes)["miou"])
+        assert score_artifact(best, task.split.val, task.num_classes)["miou"] == pytest.approx(res["val_miou"],
+                                                                                              abs=1e-9)
+        test_oracle = ValidationOracle(create_backend("features"), task.split.test, task.num_classes)
+        if strategy == "tuned":
+            expected = test_oracle.score_contexts(load_contexts(out / "best" / art.context_file)).miou
+        else:
+            by_id = {s.id: s for s in art.samples()}
+            _, used = predict_with_prompts(art, task.split.test)
+            expected = test_oracle.score_assignment({q.key: [by_id[i] for i in ids]
+                                                     for q, ids in zip(task.split.test, used)}).miou
+        assert res["test_miou"] == pytest.approx(expected, abs=1e-9)
 
 
 def test_search_over_seggpt_and_persam_options_with_tiny_checkpoints(blob_dataset: Path, tmp_path: Path) -> None:
@@ -187,8 +205,8 @@ def test_search_over_seggpt_and_persam_options_with_tiny_checkpoints(blob_datase
     )).save_pretrained(sam_dir)
     task = _task(blob_dataset)
     for name, ckpt, knob in (("seggpt", seg_dir, "seggpt.ensemble"), ("persam", sam_dir, "persam.kshot")):
-        search = PromptSearch(task, tmp_path / f"run-{name}", backend=name, checkpoint=str(ckpt), n_trials=2, max_k=2,
-                              strategies=["forward"], backend_options={"train_steps": 5} if name == "persam" else None)
+        spec = BackendSpec(name, str(ckpt), {"train_steps": 5} if name == "persam" else {})
+        search = PromptSearch(task, tmp_path / f"run-{name}", spec, n_trials=2, max_k=2, strategies=["forward"])
         search.fit()
         assert knob in search.best_params_
         art = load_prompt(search.best_prompt_)

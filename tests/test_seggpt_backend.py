@@ -259,7 +259,7 @@ def test_cli_evaluate(checkpoint):
                                  "--backend", "seggpt", "--checkpoint", str(checkpoint), "--shots", "2", "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert 0.0 <= doc["val_miou"] <= 1.0 and len(doc["prompts"]) == 2
+    assert 0.0 <= doc["val"]["miou"] <= 1.0 and len(doc["prompts"]) == 2
     r = CliRunner().invoke(app, ["evaluate", "--data", str(bundled_sample_root()), "--category", "dog",
                                  "--backend", "seggpt", "--shots", "1"])
     assert r.exit_code == 2 and "needs a checkpoint" in r.output

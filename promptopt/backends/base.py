@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence, Union
 
 import numpy as np
@@ -41,6 +41,7 @@ import torch
 
 from ..data import IGNORE_INDEX, Sample, check_labels
 from ..errors import ConfigError
+from ..space import SearchSpace
 
 Stats = dict[str, torch.Tensor]
 
@@ -107,6 +108,16 @@ class Backend(ABC):
     name: ClassVar[str] = "backend"
     #: "output" (pairs are independent, cacheable) or "model" (prompts interact in the network)
     combines: Literal["output", "model"] = "output"
+    #: whether :meth:`tuning_loss` is differentiable in :class:`Context` prompts (context tuning applies)
+    differentiable: ClassVar[bool] = False
+    #: options a search may tune (turned into ``trial.suggest_*`` calls by :mod:`promptopt.search`)
+    search_space: ClassVar[SearchSpace] = ()
+    #: where the backend computes (its model and tensors live here)
+    device: torch.device = torch.device("cpu")
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The torch modules holding the backend's weights (frozen during context tuning); none by default."""
+        return []
 
     @abstractmethod
     def prepare(self, samples: Sequence[Sample]) -> None:
@@ -133,7 +144,29 @@ class Backend(ABC):
         """The prompt as tensors on this backend's device (the starting point of context tuning)."""
         if isinstance(prompt, Context):
             return prompt
-        return Context.from_sample(prompt, num_classes, getattr(self, "device", "cpu"))
+        return Context.from_sample(prompt, num_classes, self.device)
+
+    def learned_state(self, prompt_keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tensors the backend learned for these prompts (e.g. PerSAM-F's mixing weights); none by default.
+
+        Learned state is state, not config: :meth:`config` never changes when a
+        backend learns, and a prompt artifact stores these tensors beside it.
+        """
+        return {}
+
+    def load_learned_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore tensors saved by :meth:`learned_state` (a backend that learns nothing accepts none)."""
+        if tensors:
+            raise ConfigError(f"backend {self.name!r} learns no state, but the prompt carries "
+                              f"{len(tensors)} learned tensor(s)")
+
+    def tuning_memory_bytes(self, num_contexts: int, image_size: tuple[int, int], batch_size: int) -> int:
+        """Estimated peak of one context-tuning step (``tuning_loss`` on ``batch_size`` images + backward).
+
+        The default keeps one prediction per training image alive for the backward pass;
+        backends whose activations dominate differently override it.
+        """
+        return int(batch_size * self.memory_bytes(num_contexts, image_size))
 
     def tuning_loss(self, prompts: Sequence[Context], queries: Sequence[Sample], num_classes: int) -> torch.Tensor:
         """Differentiable loss of a (learnable) context on labelled queries, for context tuning.
@@ -247,6 +280,30 @@ def create_backend(name: str, checkpoint: str | None = None, options: Mapping[st
         return factory(**opts)
     except TypeError as exc:
         raise ConfigError(f"backend {name!r}: bad options {sorted(opts)} ({exc})") from None
+
+
+def backend_class(name: str) -> Any:
+    """The class (or factory) registered under ``name``; its ``search_space`` lists the tunable options."""
+    return _resolve(name)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A backend described but not yet built (name, checkpoint, options): what a command line gives.
+
+    A run fingerprints it without loading any weights, so a finished run answers
+    at once; :meth:`build` loads the model when work is actually needed.
+    """
+
+    name: str
+    checkpoint: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "checkpoint": self.checkpoint, "options": dict(self.options)}
+
+    def build(self, **overrides: Any) -> Backend:
+        return create_backend(self.name, self.checkpoint, {**self.options, **overrides})
 
 
 def backend_from_config(config: Mapping[str, Any], **overrides: Any) -> Backend:

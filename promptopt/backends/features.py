@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from ..data import Sample
 from ..errors import ConfigError
+from ..space import Choice
 from .base import Backend, Context, Prompt, Stats, infer_num_classes
 
 # Typical magnitude (std over natural images) of each channel type, used to put
@@ -124,11 +125,17 @@ class FeaturesBackend(Backend):
 
     name = "features"
     combines = "output"
+    differentiable = True
+    search_space = (
+        Choice("pixels_per_prompt", (512, 1024, 2048)),
+        Choice("temperature", (0.15, 0.25, 0.4)),
+        Choice("scales", ("1,2,4,8", "1,2,4", "2,4,8,16")),
+    )
 
     def __init__(
         self,
         max_side: int = 192,
-        scales: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
+        scales: Sequence[float] | str = (1.0, 2.0, 4.0, 8.0),
         pixels_per_prompt: int = 1024,
         temperature: float = 0.25,
         colour: float = 1.0,
@@ -141,6 +148,11 @@ class FeaturesBackend(Backend):
         cache_bytes: int = 2 << 30,
         chunk_pixels: int = 4096,
     ) -> None:
+        if isinstance(scales, str):  # "1,2,4,8" (how a search stores the choice)
+            try:
+                scales = [float(x) for x in scales.split(",") if x.strip()]
+            except ValueError:
+                raise ConfigError(f"features backend: scales must be numbers, got {scales!r}") from None
         if max_side < 8:
             raise ConfigError(f"features backend: max_side must be >= 8, got {max_side}")
         if not scales or min(scales) <= 0:

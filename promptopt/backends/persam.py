@@ -95,6 +95,7 @@ import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX, Sample
 from ..errors import CheckpointError, ConfigError
+from ..space import Choice
 from .base import Backend, Context, Prompt, Stats, infer_num_classes
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -287,6 +288,11 @@ class PerSAMBackend(Backend):
     """PerSAM / PerSAM-F over transformers' SamModel (see the module docstring)."""
 
     name = "persam"
+    search_space = (
+        Choice("variant", VARIANTS),
+        Choice("kshot", KSHOT_MODES),
+        Choice("refine", (True, False)),
+    )
 
     def __init__(
         self,
@@ -349,6 +355,9 @@ class PerSAMBackend(Backend):
         self.decoder_calls = 0
         #: PerSAM-F trainings run (references whose weights were not known)
         self.trainings = 0
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
 
     # --- construction ----------------------------------------------------------------------------------
     @classmethod

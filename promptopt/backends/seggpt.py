@@ -87,6 +87,7 @@ import torch.nn.functional as F
 from ..data import Sample
 from ..errors import CheckpointError, ConfigError
 from ..memory import cuda_peak_bytes
+from ..space import Choice
 from .base import Backend, Context, Prompt, Stats, infer_num_classes, one_hot_mask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -130,6 +131,8 @@ class SegGPTBackend(Backend):
     """SegGPT over transformers (see the module docstring). Build it with :meth:`from_pretrained`."""
 
     name = "seggpt"
+    differentiable = True
+    search_space = (Choice("ensemble", _ENSEMBLES), Choice("embedding_type", _EMBEDDINGS))
 
     def __init__(
         self,
@@ -194,6 +197,9 @@ class SegGPTBackend(Backend):
         #: model calls and rows pushed through the model (for tests and benchmarks)
         self.model_calls = 0
         self.model_rows = 0
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
 
     # --- construction ------------------------------------------------------------------------------
     @staticmethod

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -255,6 +255,14 @@ class EmbeddingIndex:
             "created": self.created or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "items": self.items,
         }
 
+    def manifest_fingerprint(self) -> str:
+        """What identifies the index's content: encoder, index type and every item's key and content hash."""
+        import hashlib
+        import json
+
+        body = json.dumps({"encoder": self.encoder, "kind": self.kind, "items": self.items}, sort_keys=True, default=str)
+        return hashlib.sha1(body.encode()).hexdigest()[:16]
+
     def save(self, folder: str | Path, dataset_root: str | Path | None = None) -> Path:
         """Write ``index.faiss`` then ``manifest.json`` (atomically) into ``folder``; returns the folder."""
         if self._index is None:
@@ -318,3 +326,31 @@ def build_index(samples: Sequence[Sample], encoder: Encoder, kind: str = "auto",
     idx = EmbeddingIndex(encoder.dim, kind=kind, encoder={**encoder.spec(), "masked": bool(masked)}, **index_options)
     idx.add_samples(samples, encoder, masked=masked, batch_size=batch_size, progress=progress)
     return idx
+
+
+def build_dataset_index(data: str | Path, out: str | Path, *, category: str | None = None, encoder: str = "features",
+                        checkpoint: str | None = None, options: dict[str, Any] | None = None, kind: str = "auto",
+                        masked: bool = False, batch_size: int = 16, mask_mode: str = "auto",
+                        progress: Any = None) -> EmbeddingIndex:
+    """Embed every image of a dataset (or one category), index it and save it to ``out`` (``promptopt index build``).
+
+    ``progress(label, done, total)`` is called as images are encoded.
+    """
+    from ..data import load_dataset
+    from ..embeddings import create_encoder
+
+    ds = load_dataset(data, category=category, mask_mode=mask_mode)
+    samples = [s for cat in ds.categories for s in ds.samples(cat)]
+    enc = create_encoder(encoder, checkpoint, options or {})
+    cb = (lambda done, total: progress("images", done, total)) if progress else None
+    idx = build_index(samples, enc, kind=kind, masked=masked, batch_size=batch_size, progress=cb)
+    idx.save(out, dataset_root=data)
+    return idx
+
+
+def query_index(folder: str | Path, image: str | Path, k: int = 5) -> list[tuple[str, float]]:
+    """The k indexed items most similar to an image file (``promptopt index query``)."""
+    from ..data import image_samples
+
+    idx = EmbeddingIndex.load(folder)
+    return idx.search(idx.make_encoder().encode(image_samples([image])), k)[0]

@@ -1,14 +1,18 @@
-"""Prompt-selection strategies: they talk to the oracle, never to a concrete backend."""
+"""Prompt strategies: they talk to the oracle, never to a concrete backend, and never to the search.
 
-from .base import PromptStrategy
+Find them by name in the registry (:func:`make_strategy`, :func:`available_strategies`);
+the classes are importable here too.
+"""
+
+from .base import Checkpoint, PromptStrategy
 from .baselines import BestSingle, RandomK, RandomSearch, WorstCaseGreedy
 from .forward import ForwardSelector
+from .registry import available_strategies, make_strategy, register_strategy, strategy_class, strategy_options
 from .tuning import ContextTuner
 
-SELECTION_STRATEGIES = ("forward", "random", "best-single", "random-search", "worst-case", "retrieval")
-
-__all__ = ["PromptStrategy", "ForwardSelector", "RandomK", "BestSingle", "RandomSearch", "WorstCaseGreedy",
-           "ContextTuner", "SELECTION_STRATEGIES"]
+__all__ = ["Checkpoint", "PromptStrategy", "ForwardSelector", "RandomK", "BestSingle", "RandomSearch",
+           "WorstCaseGreedy", "ContextTuner", "available_strategies", "make_strategy", "register_strategy",
+           "strategy_class", "strategy_options"]
 
 
 def __getattr__(name: str):

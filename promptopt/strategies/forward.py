@@ -17,15 +17,13 @@ approximation whose loss is measured in benchmarks/bench_forward.py).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from ..artifacts import RunState, fingerprint
+from ..artifacts import fingerprint
 from ..data import Sample
-from ..errors import BudgetError, ConfigError
-from ..memory import format_bytes, parse_bytes
-from ..oracle import ValidationOracle
-from .base import ProgressFn, PromptStrategy, comparable
+from ..errors import ConfigError
+from ..space import MAX_K, Int
+from .base import PromptStrategy, comparable
 
 
 class ForwardSelector(PromptStrategy):
@@ -34,46 +32,28 @@ class ForwardSelector(PromptStrategy):
     Attributes after ``fit``: ``selected_`` (samples, in the order added),
     ``score_`` (val mIoU of ``selected_``), ``history_`` (one dict per step:
     every candidate's val mIoU, the chosen id, its score and gain, the memory
-    estimate, whether it was kept), ``stop_reason_``, ``memory_bytes_`` (the
-    estimate for ``selected_``) and ``budget_bytes_``.
+    estimate, whether it was kept), ``stop_reason_`` ("max_prompts",
+    "pool_exhausted" — fewer examples than ``max_prompts`` —, "memory_budget",
+    "no_gain"), ``memory_bytes_`` (the estimate for ``selected_``),
+    ``budget_bytes_``, ``n_evaluations_`` and ``resumed_steps_``.
     """
 
     name = "forward"
+    search_space = (Int("max_prompts", 1, MAX_K), Int("patience", 1, 2))
 
-    def __init__(
-        self,
-        oracle: ValidationOracle,
-        memory_budget: str | int | None = None,
-        max_prompts: int | None = None,
-        min_gain: float = 0.0,
-        patience: int = 1,
-        shortlist: int | None = None,
-        checkpoint: str | Path | None = None,
-        progress: ProgressFn | None = None,
-        on_step: Callable[[dict[str, Any]], None] | None = None,
-    ) -> None:
-        super().__init__(oracle, progress)
-        #: called with each finished step's history entry (e.g. to report intermediate values to Optuna)
-        self.on_step = on_step
+    def __init__(self, oracle, *, max_prompts: int | None = None, min_gain: float = 0.0, patience: int = 1,
+                 shortlist: int | None = None, **common: Any) -> None:
+        super().__init__(oracle, **common)
         if max_prompts is not None and max_prompts < 1:
             raise ConfigError(f"max_prompts must be at least 1, got {max_prompts}")
         if patience < 1:
             raise ConfigError(f"patience must be at least 1, got {patience}")
         if shortlist is not None and shortlist < 1:
             raise ConfigError(f"shortlist must be at least 1, got {shortlist}")
-        self.memory_budget = memory_budget
         self.max_prompts = max_prompts
         self.min_gain = float(min_gain)
         self.patience = int(patience)
         self.shortlist = shortlist
-        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
-
-    # the largest validation image sets the memory estimate: it is the one that must fit
-    def _image_size(self) -> tuple[int, int]:
-        return max((s.size for s in self.oracle.samples), key=lambda hw: hw[0] * hw[1])
-
-    def _memory(self, k: int) -> int:
-        return int(self.oracle.backend.memory_bytes(k, self._image_size()))
 
     def _fingerprint(self, pool: Sequence[Sample]) -> str:
         return fingerprint({
@@ -105,33 +85,23 @@ class ForwardSelector(PromptStrategy):
     def fit(self, pool: Sequence[Sample]) -> "ForwardSelector":
         pool = self._check_pool(pool)
         by_id = {s.id: s for s in pool}
-        self.budget_bytes_ = parse_bytes(self.memory_budget)
-        if self.budget_bytes_ is not None:
-            need = self._memory(1)
-            if need > self.budget_bytes_:
-                raise BudgetError(
-                    f"memory budget {format_bytes(self.budget_bytes_)} is too small for one prompt: backend "
-                    f"{self.oracle.backend.name!r} needs about {format_bytes(need)} for one prompt at image size "
-                    f"{self._image_size()[1]}x{self._image_size()[0]}"
-                )
-        state = RunState(self.checkpoint.parent, self._fingerprint(pool), self.checkpoint.name) if self.checkpoint else None
-        saved = state.load() if state else None
-        history: list[dict[str, Any]] = list(saved["history"]) if saved else []
-        chosen: list[Sample] = [by_id[i] for i in (saved["chosen"] if saved else [])]
+        self.require_fit(1, "one prompt")
+        fp = self._fingerprint(pool)
+        saved = self.checkpoint.load(fp) if self.checkpoint else None
+        state: dict[str, Any] = saved[0] if saved else {
+            "chosen": [], "history": [], "best_len": 0, "best_score": None, "stale": 0, "stop_reason": None}
+        chosen: list[Sample] = [by_id[i] for i in state["chosen"]]
+        history: list[dict[str, Any]] = state["history"]
         self.resumed_steps_ = len(history)
-        best_len = saved["best_len"] if saved else 0
-        best_score = saved["best_score"] if saved and saved["best_score"] is not None else float("-inf")
-        stale = saved["stale"] if saved else 0
-        stop = saved.get("stop_reason") if saved else None
         limit = min(self.max_prompts or len(pool), len(pool))
 
-        while stop is None:
+        while state["stop_reason"] is None:
             if len(chosen) >= limit:
-                stop = "max_prompts" if self.max_prompts and len(chosen) >= self.max_prompts else "pool_exhausted"
+                state["stop_reason"] = "max_prompts" if self.max_prompts and len(chosen) >= self.max_prompts \
+                    else "pool_exhausted"
                 break
-            mem_next = self._memory(len(chosen) + 1)
-            if self.budget_bytes_ is not None and mem_next > self.budget_bytes_:
-                stop = "memory_budget"
+            if not self.fits(len(chosen) + 1):
+                state["stop_reason"] = "memory_budget"
                 break
             candidates = [s for s in pool if s not in chosen]
             self._tick("step", len(chosen), limit)
@@ -139,35 +109,42 @@ class ForwardSelector(PromptStrategy):
             pick = max(candidates, key=lambda c: comparable(scores[c.id]))  # ties: first in pool order
             score = scores[pick.id]
             first = not history
-            gain = comparable(score) - (0.0 if first else comparable(best_score))
+            gain = comparable(score) - (0.0 if first else comparable(state["best_score"]))
             chosen.append(pick)
             accepted = first or (gain > 0 and gain >= self.min_gain)
             if accepted:
-                best_len, best_score, stale = len(chosen), score, 0
+                state.update(best_len=len(chosen), best_score=score, stale=0)
             else:
-                stale += 1
+                state["stale"] += 1
             history.append({
                 "step": len(history) + 1, "chosen": pick.id, "score": score, "gain": gain,
-                "accepted": bool(accepted), "memory_bytes": mem_next, "candidates": scores,
+                "accepted": bool(accepted), "memory_bytes": self.memory_for(len(chosen)), "candidates": scores,
             })
-            if stale >= self.patience:
-                stop = "no_gain"
-            if state:
-                state.save({"chosen": [c.id for c in chosen], "history": history, "best_len": best_len,
-                            "best_score": best_score, "stale": stale, "stop_reason": stop})
-            if self.on_step:
-                self.on_step(history[-1])
+            if state["stale"] >= self.patience:
+                state["stop_reason"] = "no_gain"
+            state["chosen"] = [c.id for c in chosen]
+            if self.checkpoint:
+                self.checkpoint.save(fp, state)
+            self._report_step(len(history), score)
+        if self.checkpoint and (not saved or saved[0]["stop_reason"] is None):
+            self.checkpoint.save(fp, state)
         self._tick("step", limit, limit)
-        self.selected_ = chosen[:best_len]
-        self.score_ = float(best_score)
+        self.selected_ = chosen[: state["best_len"]]
+        self.score_ = float("nan") if state["best_score"] is None else float(state["best_score"])
         self.history_ = history
-        self.stop_reason_ = stop
-        self.memory_bytes_ = self._memory(len(self.selected_))
-        if state:
-            state.save({"chosen": [c.id for c in chosen], "history": history, "best_len": best_len,
-                        "best_score": best_score, "stale": stale, "stop_reason": stop})
+        self.stop_reason_ = state["stop_reason"]
+        self.n_evaluations_ = sum(len(h["candidates"]) for h in history)
+        self.memory_bytes_ = self.memory_for(len(self.selected_))
         return self
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "stop_reason": self.stop_reason_, "steps": len(self.history_),
                 "memory_bytes": self.memory_bytes_, "budget_bytes": self.budget_bytes_}
+
+    def figures(self, folder):
+        from ..plots import plot_steps
+
+        if not self.history_:
+            return []
+        return [("Val mIoU per forward-selection step (hollow: step not kept)",
+                 plot_steps(self.history_, folder / "steps.png").name)]

@@ -20,16 +20,18 @@ category: validation and test images can never leak into a prompt.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from ..artifacts import fingerprint
 from ..data import Sample
 from ..embeddings.base import Encoder
 from ..errors import ConfigError, DataError
 from ..index import EmbeddingIndex
 from ..oracle import OracleResult, ValidationOracle
-from .base import ProgressFn, PromptStrategy
+from ..space import MAX_K, Choice, Int
+from .base import PromptStrategy
 
 
 def mmr(query_sims: np.ndarray, cand_vecs: np.ndarray, k: int, diversity: float) -> list[int]:
@@ -77,9 +79,10 @@ def retrieve(index: EmbeddingIndex, encoder: Encoder, queries: Sequence[Sample],
 class RetrievalSelector(PromptStrategy):
     """Per-query top-k prompts from an embedding index (see the module docstring).
 
-    Parameters: ``oracle`` (val images), ``index`` (an :class:`EmbeddingIndex` or its
-    folder), ``k`` prompts per query, ``diversity`` in [0, 1] (MMR), ``encoder``
-    (default: rebuilt from the index manifest and checked by fingerprint).
+    Parameters: ``oracle`` (val images); ``index`` (an :class:`EmbeddingIndex` or its
+    folder) — or, without one, ``encoder`` (an encoder spec such as ``"features"``;
+    ``"features+mask"`` for mask-aware pool embeddings), from which a flat index over
+    the pool is built at ``fit``; ``k`` prompts per query; ``diversity`` in [0, 1] (MMR).
 
     Attributes after ``fit``: ``assignment_`` (val image id → its prompt ids),
     ``similarities_`` (the matching cosine similarities), ``selected_`` (every pool
@@ -89,21 +92,28 @@ class RetrievalSelector(PromptStrategy):
 
     name = "retrieval"
     per_query = True
+    artifact_kind = "retrieval"
+    baselines = ("forward", "random", "best-single")
+    search_space = (Choice("encoder", ("features", "features+mask")), Int("k", 1, MAX_K),
+                    Choice("diversity", (0.0, 0.3, 0.6)))
 
-    def __init__(self, oracle: ValidationOracle, index: EmbeddingIndex | str | Path, k: int = 4,
-                 diversity: float = 0.0, encoder: Encoder | None = None, progress: ProgressFn | None = None) -> None:
-        super().__init__(oracle, progress)
+    def __init__(self, oracle: ValidationOracle, *, index: EmbeddingIndex | str | Path | None = None,
+                 encoder: str | Encoder | None = None, k: int = 4, diversity: float = 0.0, **common: Any) -> None:
+        super().__init__(oracle, **common)
         if k < 1:
             raise ConfigError(f"retrieval: k must be at least 1, got {k}")
         if not 0.0 <= diversity <= 1.0:
             raise ConfigError(f"retrieval: diversity must be in [0, 1], got {diversity}")
-        self.index = index if isinstance(index, EmbeddingIndex) else EmbeddingIndex.load(index)
+        if index is None and encoder is None:
+            raise ConfigError("strategy 'retrieval' needs an index (--index indexes/NAME; see `promptopt index build`) "
+                              "or an encoder to index the pool with")
+        self.index = index if index is None or isinstance(index, EmbeddingIndex) else EmbeddingIndex.load(index)
         self.k = int(k)
         self.diversity = float(diversity)
         self.encoder = encoder
 
     def _encoder(self) -> Encoder:
-        if self.encoder is None:
+        if not isinstance(self.encoder, Encoder):
             self.encoder = self.index.make_encoder()
         else:
             self.index._check_encoder(self.encoder)
@@ -114,12 +124,20 @@ class RetrievalSelector(PromptStrategy):
         hits = retrieve(self.index, self._encoder(), queries, self.pool_, self.k, self.diversity)
         return {key: [s for s, _ in row] for key, row in hits.items()}
 
+    def prompts_for(self, queries: Sequence[Sample]) -> list[list[Sample]]:
+        assignment = self.assign(queries)
+        return [assignment[q.key] for q in queries]
+
     def evaluate(self, oracle: ValidationOracle) -> OracleResult:
         """Score per-query retrieval on another oracle's images (the held-out test split)."""
         return oracle.score_assignment(self.assign(oracle.samples))
 
     def fit(self, pool: Sequence[Sample]) -> "RetrievalSelector":
         pool = self._check_pool(pool)
+        self.require_fit(min(self.k, len(pool)))
+        if self.index is None:
+            self.index = pool_index(pool, self.encoder)  # type: ignore[arg-type]
+            self.encoder = None
         self.index.verify(pool)
         self.index.verify(self.oracle.samples)
         missing = [s.id for s in pool if s.key not in self.index]
@@ -140,6 +158,7 @@ class RetrievalSelector(PromptStrategy):
         per_image = self.result_.per_image_iou
         self.history_ = [{"query": q.id, "prompts": self.assignment_[q.id], "similarity": self.similarities_[q.id],
                           "iou": per_image.get(q.id)} for q in self.oracle.samples]
+        self.n_evaluations_ = 1
         return self
 
     def summary(self) -> dict[str, Any]:
@@ -147,16 +166,14 @@ class RetrievalSelector(PromptStrategy):
                 "index_type": self.index.kind, "index_count": len(self.index), "assignment": self.assignment_,
                 "pool_not_in_index": self.missing_from_index_}
 
-    def save_prompt(self, run_dir: str | Path, backend_config: Mapping[str, Any], num_classes: int, category: str,
-                    extra: Mapping[str, Any] | None = None) -> Path:
-        """``prompt.json`` of kind ``retrieval``: the pool examples plus a flat index over them in ``index/``."""
-        from ..artifacts import save_prompt
+    def prompt_examples(self) -> list[Sample]:
+        return list(self.pool_)
 
-        self.pool_index().save(Path(run_dir) / "index")
-        return save_prompt(run_dir, dict(backend_config), self.pool_, num_classes, category, kind="retrieval",
-                           extra={**dict(extra or {}), "index": "index", "k": self.k, "diversity": self.diversity})
+    def artifact_extra(self, folder: str | Path) -> dict[str, Any]:
+        self.saved_index().save(Path(folder) / "index")
+        return {"index": "index", "k": self.k, "diversity": self.diversity}
 
-    def pool_index(self) -> EmbeddingIndex:
+    def saved_index(self) -> EmbeddingIndex:
         """A flat index over the fitted pool only (what a saved retrieval prompt carries)."""
         keys = [s.key for s in self.pool_]
         sub = EmbeddingIndex(self.index.dim, kind="flat", encoder=self.index.encoder)
@@ -165,8 +182,32 @@ class RetrievalSelector(PromptStrategy):
         return sub
 
 
-def predict_retrieval(art, backend, queries: Sequence[Sample]) -> list[np.ndarray]:
-    """Predictor of ``kind: retrieval`` prompt artifacts: nearest saved examples per new image."""
+_POOL_INDEXES: dict[str, EmbeddingIndex] = {}
+
+
+def pool_index(pool: Sequence[Sample], encoder: str | Encoder) -> EmbeddingIndex:
+    """A flat index over ``pool`` built with an encoder spec (``"NAME"`` or ``"NAME+mask"`` for mask-aware
+    embeddings); memoised per process, so the trials of a search embed each pool once.
+
+    Queries are always encoded without their masks, so a mask-aware index never sees a validation mask.
+    """
+    from ..embeddings import create_encoder
+    from ..index import build_index
+
+    spec = encoder if isinstance(encoder, str) else encoder.name
+    key = fingerprint({"encoder": spec, "samples": [s.key for s in pool]})
+    if key not in _POOL_INDEXES:
+        name, masked = spec.removesuffix("+mask"), spec.endswith("+mask")
+        enc = create_encoder(name) if isinstance(encoder, str) else encoder
+        _POOL_INDEXES[key] = build_index(list(pool), enc, kind="flat", masked=masked)
+    return _POOL_INDEXES[key]
+
+
+def predict_retrieval(art, backend, queries: Sequence[Sample]) -> tuple[list[np.ndarray], list[list[str]]]:
+    """Predictor of ``kind: retrieval`` prompt artifacts: nearest saved examples per new image.
+
+    Returns the label maps and, per image, the ids of the prompts it was given.
+    """
     from ..oracle import prediction_to_labels
 
     folder = art.path.parent / art.extra.get("index", "index")
@@ -176,47 +217,9 @@ def predict_retrieval(art, backend, queries: Sequence[Sample]) -> list[np.ndarra
     encoder = index.make_encoder()
     examples = art.samples()
     hits = retrieve(index, encoder, queries, examples, int(art.extra.get("k", 4)), float(art.extra.get("diversity", 0.0)))
-    out = []
+    labels, used = [], []
     for q in queries:
         prompts = [s for s, _ in hits[q.key]]
-        out.append(prediction_to_labels(backend.predict(prompts, [q], art.num_classes)[0]).cpu().numpy())
-    return out
-
-
-# --- Optuna search ------------------------------------------------------------------------------------
-_SEARCH_INDEXES: dict[str, EmbeddingIndex] = {}
-
-
-def _search_retrieval(trial, ctx):
-    """Optuna search strategy "retrieval": encoder (weight-free, or mask-aware), k and MMR diversity searched.
-
-    The index over the pool is built once per encoder and reused by later trials of the process (queries are
-    always encoded without their masks, so a mask-aware index never sees a validation mask).
-    Encoders that need weights are searched only when given as ``retrieval_encoders`` in the search extras.
-    """
-    from ..artifacts import fingerprint as _fp
-    from ..embeddings import create_encoder
-    from ..index import build_index
-    from ..search import TrialOutcome
-
-    choices = list(ctx.extras.get("retrieval_encoders") or ["features", "features+mask"])
-    spec = trial.suggest_categorical("retrieval.encoder", choices)
-    k = trial.suggest_int("retrieval.k", 1, ctx.max_k)
-    diversity = trial.suggest_categorical("retrieval.diversity", [0.0, 0.3, 0.6])
-    name, masked = spec.removesuffix("+mask"), spec.endswith("+mask")
-    samples = list(ctx.task.pool)
-    key = _fp({"encoder": spec, "samples": [s.key for s in samples]})
-    if key not in _SEARCH_INDEXES:
-        _SEARCH_INDEXES[key] = build_index(samples, create_encoder(name), kind="flat", masked=masked)
-    sel = RetrievalSelector(ctx.oracle, _SEARCH_INDEXES[key], k=k, diversity=diversity,
-                            progress=ctx.progress).fit(ctx.task.pool)
-    path = sel.save_prompt(ctx.trial_dir, ctx.backend.config(), ctx.task.num_classes, ctx.task.category,
-                           extra={"strategy": "retrieval", "val_miou": sel.score_})
-    return TrialOutcome(sel.score_, path, sel.selected_ids_, {"encoder": spec})
-
-
-def register_search() -> None:
-    """Make "retrieval" available to :mod:`promptopt.search` (called by its loader of optional strategies)."""
-    from ..search import register_search_strategy
-
-    register_search_strategy("retrieval", _search_retrieval)
+        labels.append(prediction_to_labels(backend.predict(prompts, [q], art.num_classes)[0]).cpu().numpy())
+        used.append([s.id for s in prompts])
+    return labels, used

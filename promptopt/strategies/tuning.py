@@ -19,24 +19,25 @@ two-way softmax, background vs that class, placed in the class's channel).
 
 Optimisation: Adam, linear warm-up then cosine decay to zero; every
 ``eval_every`` steps the current contexts are scored on the validation images
-with the one metric implementation (Context prompts carry ``key=None``, so no
-cache ever holds a stale answer); the best-scoring tensors are kept (the
-initial contexts included, so tuning never returns something worse on val than
-where it started) and tuning stops after ``patience`` evaluations without gain.
-Model parameters are frozen for the duration of ``fit`` (``requires_grad``
-switched off, modules in eval mode) and restored afterwards; after every
-backward pass the tuner checks that no model parameter received a gradient.
+by the oracle (:meth:`~promptopt.oracle.ValidationOracle.score_contexts`, never
+cached: the tensors change); the best-scoring tensors are kept (the initial
+contexts included, so tuning never returns something worse on val than where
+it started) and tuning stops after ``patience`` evaluations without gain.
+Model parameters (the backend's declared :meth:`~promptopt.backends.base.Backend.modules`)
+are frozen for the duration of ``fit`` (``requires_grad`` switched off, modules in
+eval mode) and restored afterwards; after every backward pass the tuner checks
+that no model parameter received a gradient.
 
-Interrupted tuning resumes: after each evaluation the context tensors, the
-optimizer and scheduler state, the history and the best tensors are written
-atomically to ``checkpoint_dir/tuning_state.pt``; a new ``fit`` with the same
-configuration, data and backend continues from there (mini-batches are a
-function of (seed, step), so the resumed run equals an uninterrupted one).
+It is an ordinary strategy: ``ContextTuner(oracle, init=..., steps=...).fit(pool)``
+starts from ``init`` (the best single pool example by default, given examples,
+or noise) and trains on the rest of the pool. Interrupted tuning resumes: after
+each evaluation the context tensors, the optimizer and scheduler state, the
+history and the best tensors go to the run's checkpoint; mini-batches are a
+function of (seed, step), so the resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from contextlib import contextmanager
@@ -47,36 +48,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..artifacts import atomic_write_bytes, fingerprint, load_prompt
-from ..backends.base import Backend, Context, one_hot_mask
+from ..artifacts import atomic_write_bytes, fingerprint
+from ..backends.base import Backend, Context
 from ..data import IGNORE_INDEX, Sample
-from ..errors import BudgetError, CheckpointError, ConfigError, DataError
-from ..memory import format_bytes, parse_bytes
-from ..metrics import IoUAccumulator, SegmentationScore, confusion_matrix
-from ..oracle import ValidationOracle, prediction_to_labels
-from .base import ProgressFn, comparable
+from ..errors import BudgetError, ConfigError, DataError
+from ..memory import format_bytes
+from ..oracle import OracleResult, ValidationOracle, prediction_to_labels
+from ..space import Choice, Float
+from .base import PromptStrategy, comparable
 
 TUNE_TARGETS = ("image", "mask", "both")
-STATE_FILE = "tuning_state.pt"
 CONTEXT_FILE = "context.safetensors"
 _MASK_EPS = 0.01  # initial one-hot masks become (1 - eps) one-hot + eps uniform, so softmax logits are finite
 _IMAGE_EPS = 0.5 / 255.0  # initial images are clamped this far inside (0, 1) before the logit
 
 
 # --- model freezing ----------------------------------------------------------------------------------
-def model_modules(backend: Backend) -> list[torch.nn.Module]:
-    """The torch modules a backend holds as attributes (its model weights); [] for weight-free backends."""
-    mods = []
-    for value in vars(backend).values():
-        if isinstance(value, torch.nn.Module) and all(value is not m for m in mods):
-            mods.append(value)
-    return mods
-
-
 def model_parameters(backend: Backend) -> list[torch.Tensor]:
-    """Every parameter and buffer of the backend's modules (what must stay bit-identical)."""
+    """Every parameter and buffer of the backend's declared modules (what must stay bit-identical)."""
     out: list[torch.Tensor] = []
-    for m in model_modules(backend):
+    for m in backend.modules():
         out.extend(m.parameters())
         out.extend(m.buffers())
     return out
@@ -85,7 +76,7 @@ def model_parameters(backend: Backend) -> list[torch.Tensor]:
 @contextmanager
 def frozen(backend: Backend) -> Iterator[list[torch.nn.Parameter]]:
     """Switch off ``requires_grad`` and training mode of every backend module; restore both afterwards."""
-    mods = model_modules(backend)
+    mods = backend.modules()
     params = [p for m in mods for p in m.parameters()]
     flags = [p.requires_grad for p in params]
     modes = [m.training for m in mods]
@@ -102,23 +93,7 @@ def frozen(backend: Backend) -> Iterator[list[torch.nn.Parameter]]:
             m.train(t)
 
 
-# --- scoring and files ---------------------------------------------------------------------------------
-def score_contexts(backend: Backend, contexts: Sequence[Context], samples: Sequence[Sample],
-                   num_classes: int, chunk: int = 8) -> SegmentationScore:
-    """Dataset-level mIoU of a set of context prompts on labelled samples (no cache: contexts change).
-
-    Queries go to the backend ``chunk`` at a time, so a backend can prepare the contexts once per chunk."""
-    acc = IoUAccumulator(num_classes, IGNORE_INDEX)
-    samples = list(samples)
-    with torch.no_grad():
-        for start in range(0, len(samples), chunk):
-            part = samples[start:start + chunk]
-            for q, probs in zip(part, backend.predict(list(contexts), part, num_classes)):
-                acc.add_confusion(confusion_matrix(prediction_to_labels(probs), q.mask, num_classes, IGNORE_INDEX),
-                                  q.id)
-    return acc.result()
-
-
+# --- files ---------------------------------------------------------------------------------------------
 def save_contexts(path: str | Path, contexts: Sequence[Context], metadata: dict[str, str] | None = None) -> Path:
     """Write contexts as safetensors (``context.{i}.image`` (3,H,W), ``context.{i}.mask`` (C,H,W)), atomically."""
     from safetensors.torch import save
@@ -191,125 +166,107 @@ def _resize_to(x: torch.Tensor, side: int | None, mode: str) -> torch.Tensor:
     return F.interpolate(x.unsqueeze(0), size=size, mode=mode, **kw)[0]
 
 
-class ContextTuner:
+class ContextTuner(PromptStrategy):
     """Learn context tensors (prompt image and/or mask) with a frozen backend.
 
     Parameters
     ----------
-    backend:
-        Any backend differentiable in its Context prompts.
+    oracle:
+        The validation oracle: scores the contexts (early stopping, the kept tensors); its
+        backend must be differentiable in its Context prompts.
     init:
-        Starting point: labelled samples (one context each, or per class), a
-        ``prompt.json`` path whose examples are used, or ``"noise"``.
+        Starting point: ``"best-single"`` (the pool example with the best val mIoU),
+        labelled samples (one context each, or per class), or ``"noise"``.
     steps, lr, batch_size, warmup:
         Adam steps, peak learning rate (in logit space), training images per
-        step, linear warm-up steps (then cosine decay to zero).
+        step, linear warm-up steps (then cosine decay to zero; default steps/10, at most 10).
     tune:
         "image", "mask" or "both" — which tensors learn.
     per_class:
         Semantic tasks: one context per foreground class instead of shared palette contexts.
     eval_every, patience:
-        Validation mIoU every ``eval_every`` steps; stop after ``patience``
-        evaluations without improvement (None: never stop early).
+        Val mIoU every ``eval_every`` steps (default steps/3, at most 10); stop after
+        ``patience`` evaluations without improvement (None: never stop early).
     num_contexts, noise_size:
         For ``init="noise"``: how many contexts and their (H, W) (default: the first training image's size).
     context_side:
         Downscale the learnable tensors so their long side is at most this (fewer parameters; None keeps the size).
-    memory_budget:
-        "8GiB" etc.; a budget below the estimated tuning peak raises :class:`BudgetError`.
-    checkpoint_dir:
-        Where ``tuning_state.pt`` is written and resumed from (None: no checkpoints).
 
-    Attributes after ``fit``: ``contexts_`` (best contexts), ``score_`` (their
-    val mIoU), ``initial_score_`` (val mIoU of the starting contexts),
-    ``history_`` (one dict per evaluation: step, mean training loss since the
-    previous evaluation, val mIoU, learning rate), ``losses_`` (training loss
-    per step), ``best_step_``, ``steps_run_``, ``stop_reason_``,
-    ``resumed_step_``, ``initial_contexts_``, ``memory_bytes_``, ``seconds_per_step_`` (mean time of
-    a tuning step — loss, backward, update — without the validation evaluations).
-
-    Model weights are found as the ``torch.nn.Module`` attributes of the backend
-    (:func:`model_modules`); a backend can give its own tuning memory estimate as
-    ``tuning_memory_bytes(num_contexts, image_size, batch_size)``.
+    ``fit(pool)`` trains on the pool without the starting examples (all of it when nothing else is left).
+    Attributes after ``fit``: ``contexts_`` (best contexts), ``score_`` (their val mIoU),
+    ``initial_score_`` (val mIoU of the starting contexts), ``selected_`` (the starting examples),
+    ``train_`` (training images), ``history_`` (one dict per evaluation: step, mean training loss
+    since the previous evaluation, val mIoU, learning rate), ``losses_`` (training loss per step),
+    ``best_step_``, ``steps_run_``, ``stop_reason_``, ``resumed_step_``, ``initial_contexts_``,
+    ``memory_bytes_``, ``seconds_per_step_`` (mean time of a tuning step without the evaluations).
     """
 
-    name = "tuning"
+    name = "tuned"
+    artifact_kind = "tuned"
+    baselines = ()
+    search_space = (Choice("steps", (10, 30)), Float("lr", 0.01, 0.2, log=True), Choice("tune", TUNE_TARGETS))
 
     def __init__(
         self,
-        backend: Backend,
-        init: Sequence[Sample] | str | Path = "noise",
+        oracle: ValidationOracle,
+        *,
+        init: Sequence[Sample] | str = "best-single",
         steps: int = 100,
         lr: float = 0.05,
         batch_size: int = 4,
-        warmup: int = 10,
+        warmup: int | None = None,
         tune: str = "both",
         per_class: bool = False,
-        eval_every: int = 10,
+        eval_every: int | None = None,
         patience: int | None = 5,
         seed: int = 0,
-        num_classes: int | None = None,
         num_contexts: int = 1,
         noise_size: tuple[int, int] | None = None,
         context_side: int | None = None,
-        memory_budget: str | int | None = None,
-        checkpoint_dir: str | Path | None = None,
-        progress: ProgressFn | None = None,
+        **common: Any,
     ) -> None:
-        if steps < 1:
-            raise ConfigError(f"tuning: steps must be at least 1, got {steps}")
-        if not lr > 0:
-            raise ConfigError(f"tuning: lr must be positive, got {lr}")
-        if batch_size < 1:
-            raise ConfigError(f"tuning: batch_size must be at least 1, got {batch_size}")
-        if warmup < 0:
-            raise ConfigError(f"tuning: warmup must be >= 0, got {warmup}")
-        if tune not in TUNE_TARGETS:
-            raise ConfigError(f"tuning: tune must be one of {', '.join(TUNE_TARGETS)}, got {tune!r}")
-        if eval_every < 1:
-            raise ConfigError(f"tuning: eval_every must be at least 1, got {eval_every}")
-        if patience is not None and patience < 1:
-            raise ConfigError(f"tuning: patience must be at least 1 (or None), got {patience}")
-        if num_contexts < 1:
-            raise ConfigError(f"tuning: num_contexts must be at least 1, got {num_contexts}")
-        if isinstance(init, str) and init != "noise" and not init.endswith(".json") and not Path(init).is_dir():
-            raise ConfigError(f"tuning: init must be samples, a prompt.json path or 'noise', got {init!r}")
-        self.backend = backend
-        self.init = init
+        super().__init__(oracle, **common)
+        warmup = min(10, max(1, steps // 10)) if warmup is None else warmup
+        eval_every = max(1, min(10, steps // 3)) if eval_every is None else eval_every
+        for ok, msg in ((steps >= 1, f"steps must be at least 1, got {steps}"), (lr > 0, f"lr must be positive, got {lr}"),
+                        (batch_size >= 1, f"batch_size must be at least 1, got {batch_size}"),
+                        (warmup >= 0, f"warmup must be >= 0, got {warmup}"),
+                        (tune in TUNE_TARGETS, f"tune must be one of {', '.join(TUNE_TARGETS)}, got {tune!r}"),
+                        (eval_every >= 1, f"eval_every must be at least 1, got {eval_every}"),
+                        (patience is None or patience >= 1, f"patience must be at least 1 (or None), got {patience}"),
+                        (num_contexts >= 1, f"num_contexts must be at least 1, got {num_contexts}"),
+                        (not isinstance(init, str) or init in ("best-single", "noise"),
+                         f"init must be 'best-single', 'noise' or examples, got {init!r}")):
+            if not ok:
+                raise ConfigError(f"tuning: {msg}")
+        if not isinstance(init, str) and not list(init):
+            raise ConfigError("tuning: init holds no examples (give samples, 'best-single' or 'noise')")
+        if not oracle.backend.differentiable:
+            raise ConfigError(f"tuning: backend {oracle.backend.name!r} is not differentiable in its prompt; "
+                              "context tuning applies to seggpt and features")
+        self.init = init if isinstance(init, str) else list(init)
         self.steps, self.lr, self.batch_size, self.warmup = int(steps), float(lr), int(batch_size), int(warmup)
         self.tune, self.per_class = tune, bool(per_class)
         self.eval_every, self.patience, self.seed = int(eval_every), patience, int(seed)
-        self.num_classes = num_classes
         self.num_contexts = int(num_contexts)
         self.noise_size = tuple(noise_size) if noise_size is not None else None
         self.context_side = context_side
-        self.memory_budget = memory_budget
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.progress = progress
+
+    @property
+    def backend(self) -> Backend:
+        return self.oracle.backend
 
     # --- setup -------------------------------------------------------------------------------------
-    def _init_samples(self) -> list[Sample] | None:
-        if isinstance(self.init, (str, Path)):
-            if str(self.init) == "noise":
-                return None
-            return load_prompt(self.init).samples()
-        samples = list(self.init)
-        if not samples:
-            raise ConfigError("tuning: init holds no examples (give samples, a prompt.json or 'noise')")
-        return samples
-
     def init_description(self) -> dict[str, Any]:
         """JSON-able description of the starting point (part of the resume fingerprint)."""
-        samples = self._init_samples()
-        if samples is None:
+        if self.init == "noise":
             return {"init": "noise", "num_contexts": self.num_contexts, "noise_size": self.noise_size}
-        return {"init": "examples", "examples": [s.key for s in samples]}
-
-    def _device(self) -> torch.device:
-        return torch.device(getattr(self.backend, "device", "cpu"))
+        if self.init == "best-single":
+            return {"init": "best-single"}
+        return {"init": "examples", "examples": [s.key for s in self.init]}
 
     def _build_params(self, init_samples: list[Sample] | None, train: list[Sample], c: int) -> list[_ContextParams]:
-        dev = self._device()
+        dev = self.backend.device
         gen = torch.Generator().manual_seed(self.seed)
         if init_samples is None:
             h, w = self.noise_size or train[0].size
@@ -368,205 +325,185 @@ class ContextTuner:
         return [train[i] for i in sorted(idx)]
 
     def tuning_memory_bytes(self, num_contexts: int, image_size: tuple[int, int], context_numel: int) -> int:
-        """Estimated peak of one tuning step: the backend's own figure when it has one
-        (``backend.tuning_memory_bytes(num_contexts, image_size, batch_size)``), else a forward per
-        training image kept for backward plus the context's parameter, gradient and two Adam moments."""
-        own = getattr(self.backend, "tuning_memory_bytes", None)
-        if callable(own):
-            return int(own(num_contexts, image_size, self.batch_size))
-        return int(self.batch_size * self.backend.memory_bytes(num_contexts, image_size) + 4 * 4 * context_numel)
+        """Estimated peak of one tuning step: the backend's figure for ``batch_size`` images plus the
+        context's parameter, gradient and two Adam moments (float32)."""
+        return int(self.backend.tuning_memory_bytes(num_contexts, image_size, self.batch_size) + 4 * 4 * context_numel)
 
-    def _fingerprint(self, train: list[Sample], val: list[Sample], c: int) -> str:
+    def _fingerprint(self, train: list[Sample], init: list[Sample] | None, c: int) -> str:
         return fingerprint({
-            "tuner": self.name, "train": [s.key for s in train], "val": [s.key for s in val], "num_classes": c,
-            "backend": self.backend.config(), "init": self.init_description(), "steps": self.steps, "lr": self.lr,
-            "batch_size": self.batch_size, "warmup": self.warmup, "tune": self.tune, "per_class": self.per_class,
-            "eval_every": self.eval_every, "patience": self.patience, "seed": self.seed,
-            "context_side": self.context_side,
+            "tuner": self.name, "train": [s.key for s in train], "val": [s.key for s in self.oracle.samples],
+            "num_classes": c, "backend": self.backend.config(), "init": [s.key for s in init] if init else None,
+            "init_kind": self.init_description(), "steps": self.steps, "lr": self.lr, "batch_size": self.batch_size,
+            "warmup": self.warmup, "tune": self.tune, "per_class": self.per_class, "eval_every": self.eval_every,
+            "patience": self.patience, "seed": self.seed, "context_side": self.context_side,
         })
 
-    def _tick(self, done: int) -> None:
-        if self.progress:
-            self.progress("tuning step", done, self.steps)
-
-    # --- checkpoints ---------------------------------------------------------------------------------
-    def _state_path(self) -> Path | None:
-        return self.checkpoint_dir / STATE_FILE if self.checkpoint_dir is not None else None
-
-    def _load_state(self, fp: str) -> dict[str, Any] | None:
-        path = self._state_path()
-        if path is None or not path.is_file():
-            return None
-        try:
-            state = torch.load(path, map_location=self._device(), weights_only=True)
-        except Exception as exc:  # a torn or foreign file: say so rather than resume from garbage
-            raise CheckpointError(f"{path}: cannot read the tuning checkpoint ({exc}); delete it to start over") from None
-        if not isinstance(state, dict) or state.get("fingerprint") != fp:
-            self.discarded_checkpoint_ = True
-            return None
-        return state
-
-    def _save_state(self, state: dict[str, Any]) -> None:
-        path = self._state_path()
-        if path is None:
-            return
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write_bytes(path, buf.getvalue())
-
     # --- fitting ----------------------------------------------------------------------------------------
-    def fit(self, train: Sequence[Sample], val: ValidationOracle | Sequence[Sample]) -> "ContextTuner":
-        """Learn contexts on ``train`` (the loss) with early stopping on ``val`` (an oracle or labelled samples)."""
-        train = list(train)
-        if not train:
-            raise ConfigError("tuning: no training images (the loss needs labelled samples)")
-        if isinstance(val, ValidationOracle):
-            if val.backend is not self.backend:
-                raise ConfigError("tuning: the validation oracle uses a different backend object than the tuner")
-            val_samples, c = list(val.samples), val.num_classes
-        else:
-            val_samples = list(val)
-            if not val_samples:
-                raise ConfigError("tuning: no validation images (early stopping and the kept tensor need them)")
-            c = self.num_classes or max(2, 1 + max(int(m[m != IGNORE_INDEX].max(initial=0))
-                                                   for m in (s.mask for s in [*train, *val_samples])))
-        if self.num_classes is not None and self.num_classes != c:
-            raise ConfigError(f"tuning: num_classes={self.num_classes} but the validation oracle has {c}")
-        val_keys = {s.key for s in val_samples}
-        leaked = [s.id for s in train if s.key in val_keys]
+    def _start(self, pool: list[Sample]) -> tuple[list[Sample] | None, int]:
+        """The starting examples (None for noise) and the oracle evaluations spent choosing them."""
+        if self.init == "noise":
+            return None, 0
+        if self.init == "best-single":
+            from .baselines import BestSingle
+
+            first = BestSingle(self.oracle).fit(pool)
+            return list(first.selected_), first.n_evaluations_
+        val_keys = {s.key for s in self.oracle.samples}
+        leaked = [s.id for s in self.init if s.key in val_keys]
         if leaked:
-            raise ConfigError(f"tuning: training images {leaked[:5]} are also validation images")
+            raise ConfigError(f"tuning: init examples {leaked[:5]} are validation images")
+        return list(self.init), 0
+
+    def fit(self, pool: Sequence[Sample]) -> "ContextTuner":
+        """Learn contexts on the pool without the starting examples; keep the best on the oracle's images."""
+        pool = self._check_pool(pool)
+        c = self.oracle.num_classes
+        init, spent = self._start(pool)
+        init_keys = {s.key for s in init or []}
+        train = [s for s in pool if s.key not in init_keys] or list(pool)
         for s in train:
             if not s.has_mask:
                 raise DataError(f"tuning: training image {s.key} has no mask")
-        self.num_classes_ = c
-        self.backend.prepare(train + val_samples)
-
-        init_samples = self._init_samples()
-        params = self._build_params(init_samples, train, c)
+        self.backend.prepare(train)
+        params = self._build_params(init, train, c)
         learnable = self._learnable(params)
         numel = sum(p.image_logits.numel() + p.mask_logits.numel() for p in params)
-        image_size = max((s.size for s in train + val_samples), key=lambda hw: hw[0] * hw[1])
+        image_size = max((s.size for s in train + self.oracle.samples), key=lambda hw: hw[0] * hw[1])
         self.memory_bytes_ = self.tuning_memory_bytes(len(params), image_size, numel)
-        self.budget_bytes_ = parse_bytes(self.memory_budget)
         if self.budget_bytes_ is not None and self.memory_bytes_ > self.budget_bytes_:
             raise BudgetError(
                 f"memory budget {format_bytes(self.budget_bytes_)} is too small for context tuning: backend "
-                f"{self.backend.name!r} needs about {format_bytes(self.memory_bytes_)} for {len(params)} context(s) "
-                f"and {self.batch_size} training image(s) per step at {image_size[1]}x{image_size[0]} "
-                f"(lower --batch-size or raise the budget)"
-            )
+                f"{self.backend.name!r} needs about {format_bytes(self.memory_bytes_)} ({self.backend.memory_kind}) "
+                f"for {len(params)} context(s) and {self.batch_size} training image(s) per step at "
+                f"{image_size[1]}x{image_size[0]} (lower --batch-size or raise the budget)")
         with torch.no_grad():
             self.initial_contexts_ = [p.context() for p in params]
         for t in learnable:
             t.requires_grad_(True)
         opt = torch.optim.Adam(learnable, lr=self.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
-
-        fp = self._fingerprint(train, val_samples, c)
-        self.discarded_checkpoint_ = False
-        state = self._load_state(fp)
+        fp = self._fingerprint(train, init, c)
+        saved = self.checkpoint.load(fp) if self.checkpoint else None
         with frozen(self.backend) as model_params:
             grads_before = [p.grad for p in model_params]  # whatever the caller left there must stay untouched
-            if state is not None:
+            if saved is not None:
+                st, blob = saved
                 with torch.no_grad():
-                    for t, saved in zip(learnable, state["params"]):
-                        t.copy_(saved)
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
-                step, history, losses = int(state["step"]), list(state["history"]), list(state["losses"])
-                best_score, best_step, stale = float(state["best_score"]), int(state["best_step"]), int(state["stale"])
-                best = [Context(i.clone(), m.clone()) for i, m in zip(state["best_images"], state["best_masks"])]
-                stop = state["stop_reason"] or None
-                initial = float(state["initial_score"])
-                elapsed = float(state.get("elapsed_s", 0.0))
-                train_s = float(state.get("train_s", 0.0))
+                    for t, value in zip(learnable, blob["params"]):
+                        t.copy_(value)
+                opt.load_state_dict(blob["optimizer"])
+                sched.load_state_dict(blob["scheduler"])
+                best = [Context(i.clone(), m.clone()) for i, m in zip(blob["best_images"], blob["best_masks"])]
             else:
-                step, losses, stale, stop, elapsed, train_s = 0, [], 0, None, 0.0, 0.0
-                initial = score_contexts(self.backend, self.initial_contexts_, val_samples, c).miou
-                history = [{"step": 0, "loss": None, "val_miou": initial, "lr": 0.0}]
-                best_score, best_step = initial, 0
+                initial = self.oracle.score_contexts(self.initial_contexts_).miou
+                st = {"step": 0, "history": [{"step": 0, "loss": None, "val_miou": initial, "lr": 0.0}], "losses": [],
+                      "best_score": initial, "best_step": 0, "stale": 0, "stop_reason": None, "initial_score": initial,
+                      "train_s": 0.0}
                 best = [Context(x.image.clone(), x.mask.clone()) for x in self.initial_contexts_]
-            self.resumed_step_ = step
-            self._tick(step)
+            self.resumed_step_ = st["step"]
+            self._tick("tuning step", st["step"], self.steps)
             since_eval: list[float] = []
-            t_start = time.perf_counter()
-            while stop is None and step < self.steps:
+            while st["stop_reason"] is None and st["step"] < self.steps:
                 t_step = time.perf_counter()
-                batch = self._batch(train, step)
                 opt.zero_grad(set_to_none=True)
-                contexts = [p.context() for p in params]
-                loss = self.backend.tuning_loss(contexts, batch, c)
+                loss = self.backend.tuning_loss([p.context() for p in params], self._batch(train, st["step"]), c)
                 if not loss.requires_grad:
                     raise ConfigError(f"backend {self.backend.name!r}: its tuning loss does not depend on the "
                                       "context tensors (not differentiable in the prompt)")
                 loss.backward()
-                leaked_grads = [p for p, g in zip(model_params, grads_before) if p.grad is not g]
-                if leaked_grads:
-                    raise RuntimeError(f"context tuning: {len(leaked_grads)} model parameter(s) received gradients")
+                if any(p.grad is not g for p, g in zip(model_params, grads_before)):
+                    raise RuntimeError("context tuning: a model parameter received a gradient")
                 opt.step()
                 sched.step()
-                step += 1
-                losses.append(float(loss.detach()))
-                train_s += time.perf_counter() - t_step
-                since_eval.append(losses[-1])
-                if step % self.eval_every == 0 or step == self.steps:
-                    with torch.no_grad():
-                        current = [p.context() for p in params]
-                    score = score_contexts(self.backend, current, val_samples, c).miou
-                    history.append({"step": step, "loss": float(np.mean(since_eval)) if since_eval else None,
-                                    "val_miou": score, "lr": float(opt.param_groups[0]["lr"])})
+                st["step"] += 1
+                st["losses"].append(float(loss.detach()))
+                st["train_s"] += time.perf_counter() - t_step
+                since_eval.append(st["losses"][-1])
+                if st["step"] % self.eval_every == 0 or st["step"] == self.steps:
+                    best = self._evaluate_step(st, params, best, opt, since_eval)
                     since_eval = []
-                    if comparable(score) > comparable(best_score):
-                        best_score, best_step, stale = score, step, 0
-                        best = [Context(x.image.detach().clone(), x.mask.detach().clone()) for x in current]
-                    else:
-                        stale += 1
-                    if self.patience is not None and stale >= self.patience:
-                        stop = "no_gain"
-                    elif step >= self.steps:
-                        stop = "steps"
-                    self._save_state({
-                        "fingerprint": fp, "step": step, "params": [t.detach().clone() for t in learnable],
-                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
-                        "losses": losses, "best_score": best_score, "best_step": best_step, "stale": stale,
-                        "best_images": [b.image for b in best], "best_masks": [b.mask for b in best],
-                        "stop_reason": stop or "", "initial_score": initial,
-                        "elapsed_s": elapsed + time.perf_counter() - t_start, "train_s": train_s,
-                    })
-                self._tick(step)
-            run_s = time.perf_counter() - t_start
+                    if self.checkpoint:
+                        self.checkpoint.save(fp, st, {
+                            "params": [t.detach().clone() for t in learnable], "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "best_images": [b.image for b in best],
+                            "best_masks": [b.mask for b in best]})
+                    self._report_step(st["step"], st["history"][-1]["val_miou"])
+                self._tick("tuning step", st["step"], self.steps)
         for t in learnable:
             t.requires_grad_(False)
         self.params_ = params
+        self.selected_ = list(init or [])
+        self.train_ = train
         self.contexts_ = best
-        self.score_ = float(best_score)
-        self.initial_score_ = float(initial)
-        self.history_ = history
-        self.losses_ = losses
-        self.best_step_ = best_step
-        self.steps_run_ = step
-        self.stop_reason_ = stop or "steps"
-        self.seconds_per_step_ = train_s / step if step else None
-        self.elapsed_s_ = elapsed + run_s
+        self.score_ = float(st["best_score"]) if st["best_score"] is not None else float("nan")
+        self.initial_score_ = float(st["initial_score"]) if st["initial_score"] is not None else float("nan")
+        self.history_ = st["history"]
+        self.losses_ = st["losses"]
+        self.best_step_ = st["best_step"]
+        self.steps_run_ = st["step"]
+        self.stop_reason_ = st["stop_reason"] or "steps"
+        self.seconds_per_step_ = st["train_s"] / st["step"] if st["step"] else None
+        self.n_evaluations_ = spent + len(self.history_)
         return self
 
-    def save_prompt(self, run_dir: str | Path, backend_config: dict[str, Any], category: str,
-                    extra: dict[str, Any] | None = None) -> Path:
-        """``prompt.json`` of kind ``tuned``: the learned contexts as safetensors beside copies of the start examples."""
-        from ..artifacts import save_prompt
+    def _evaluate_step(self, st: dict[str, Any], params: list[_ContextParams], best: list[Context],
+                       opt: torch.optim.Optimizer, since_eval: list[float]) -> list[Context]:
+        """Score the current contexts on the oracle, keep them if best, decide whether to stop."""
+        with torch.no_grad():
+            current = [p.context() for p in params]
+        score = self.oracle.score_contexts(current).miou
+        st["history"].append({"step": st["step"], "loss": float(np.mean(since_eval)) if since_eval else None,
+                              "val_miou": score, "lr": float(opt.param_groups[0]["lr"])})
+        if comparable(score) > comparable(st["best_score"]):
+            st.update(best_score=score, best_step=st["step"], stale=0)
+            best = [Context(x.image.detach().clone(), x.mask.detach().clone()) for x in current]
+        else:
+            st["stale"] += 1
+        if self.patience is not None and st["stale"] >= self.patience:
+            st["stop_reason"] = "no_gain"
+        elif st["step"] >= self.steps:
+            st["stop_reason"] = "steps"
+        return best
 
-        save_contexts(Path(run_dir) / CONTEXT_FILE, self.contexts_, {"category": category})
-        return save_prompt(run_dir, backend_config, self._init_samples() or [], self.num_classes_, category,
-                           kind="tuned", context_file=CONTEXT_FILE,
-                           extra={"strategy": "tuned", "val_miou": self.score_, "tuning": self.summary(),
-                                  **(extra or {})})
+    # --- what the fitted tuner offers -------------------------------------------------------------
+    def evaluate(self, oracle: ValidationOracle) -> OracleResult:
+        return oracle.score_contexts(self.contexts_)
+
+    def extra_scores(self, oracle: ValidationOracle) -> dict[str, float]:
+        """The untuned start as tensors and, when tuning started from examples, those examples as plain prompts."""
+        out = {"start": oracle.score_contexts(self.initial_contexts_).miou}
+        if self.selected_:
+            out["init_examples"] = oracle.score(self.selected_).miou
+        return out
+
+    def prompts_for(self, queries: Sequence[Sample]) -> list[list[Any]]:
+        return [list(self.contexts_) for _ in queries]
+
+    def artifact_extra(self, folder: str | Path) -> dict[str, Any]:
+        save_contexts(Path(folder) / CONTEXT_FILE, self.contexts_)
+        return {"context_file": CONTEXT_FILE, "tuning": self.summary()}
+
+    def figures(self, folder: Path) -> list[tuple[str, str]]:
+        from ..plots import plot_contexts, plot_curves
+
+        figs = []
+        if self.losses_:
+            figs.append(("Training loss per step", plot_curves({"loss": self.losses_}, folder / "loss.png", "step",
+                                                                "loss", "Context tuning: training loss").name))
+        figs.append((f"Val mIoU per evaluation (every {self.eval_every} steps; point 1 is the start)",
+                     plot_curves({"val mIoU": [h["val_miou"] for h in self.history_]}, folder / "val_miou.png",
+                                 "evaluation", "val mIoU", "Context tuning: validation mIoU").name))
+        figs.append(("The learned prompt: start vs tuned context",
+                     plot_contexts([context_to_sample(x, f"start {i}") for i, x in enumerate(self.initial_contexts_)],
+                                   [context_to_sample(x, f"tuned {i}") for i, x in enumerate(self.contexts_)],
+                                   folder / "contexts.png").name))
+        return figs
 
     def summary(self) -> dict[str, Any]:
         """JSON-able description of the fitted result."""
-        return {"strategy": self.name, "val_miou": self.score_, "initial_val_miou": self.initial_score_,
-                "best_step": self.best_step_, "steps_run": self.steps_run_, "stop_reason": self.stop_reason_,
-                "num_contexts": len(self.contexts_), "tune": self.tune, "per_class": self.per_class,
+        return {**super().summary(), "initial_val_miou": self.initial_score_, "best_step": self.best_step_,
+                "steps_run": self.steps_run_, "stop_reason": self.stop_reason_, "num_contexts": len(self.contexts_),
+                "tune": self.tune, "per_class": self.per_class, "train": [s.id for s in self.train_],
                 "context_shapes": [list(c.image.shape[1:]) for c in self.contexts_], **self.init_description()}
 
 
@@ -579,30 +516,5 @@ def context_to_sample(context: Context, id: str) -> Sample:
     return Sample(id, "context", image=image, mask=labels)
 
 
-def _search_tuned(trial, ctx):
-    """Optuna search strategy "tuned": best single pool example, then context tuning with searched knobs."""
-    from ..search import TrialOutcome
-    from .baselines import BestSingle
-
-    steps = trial.suggest_categorical("tuned.steps", [10, 30])
-    lr = trial.suggest_float("tuned.lr", 0.01, 0.2, log=True)
-    tune = trial.suggest_categorical("tuned.tune", list(TUNE_TARGETS))
-    init = BestSingle(ctx.oracle).fit(ctx.task.pool).selected_
-    train = [s for s in ctx.task.pool if s.id != init[0].id] or list(ctx.task.pool)
-    tuner = ContextTuner(ctx.backend, init=init, steps=steps, lr=lr, tune=tune, warmup=max(1, steps // 10),
-                         eval_every=max(1, steps // 3), patience=None,
-                         memory_budget=ctx.extras.get("memory_budget"), progress=ctx.progress).fit(train, ctx.oracle)
-    path = tuner.save_prompt(ctx.trial_dir, ctx.backend.config(), ctx.task.category)
-    return TrialOutcome(tuner.score_, path, [s.id for s in init],
-                        {"initial_val_miou": tuner.initial_score_, "best_step": tuner.best_step_})
-
-
-def register_search() -> None:
-    """Make "tuned" available to :mod:`promptopt.search` (called by its loader of optional strategies)."""
-    from ..search import register_search_strategy
-
-    register_search_strategy("tuned", _search_tuned)
-
-
-__all__ = ["ContextTuner", "score_contexts", "save_contexts", "load_contexts", "frozen", "model_modules",
-           "model_parameters", "context_to_sample", "one_hot_mask", "TUNE_TARGETS"]
+__all__ = ["ContextTuner", "save_contexts", "load_contexts", "frozen", "model_parameters", "context_to_sample",
+           "TUNE_TARGETS", "CONTEXT_FILE"]

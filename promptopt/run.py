@@ -1,0 +1,545 @@
+"""One run folder for select, tune and search: fingerprinted state, resume, atomic artifacts.
+
+A :class:`Run` is a folder plus a *spec* — everything that determines the run's
+answer (data split, backend config, strategy and its options, baselines,
+seeds, budget). Its ``state.json`` holds the spec's fingerprint and every
+finished piece of work: named *steps* (a baseline's scores, the trial budget it
+used) and *checkpoints* (a strategy's progress, tensors in versioned files under
+``checkpoints/``). Killing the process at any moment and running the same
+command again reproduces the uninterrupted answer, because every number that
+depends on the past (an oracle budget, a seed, a finished step) is read back
+from the state, never from counters of the running process.
+
+The rules a user can rely on:
+
+* a folder holding a *different* run (other arguments) is never silently
+  replaced: the error names what differs; ``restart=True`` (``--restart``)
+  removes the old run's files first;
+* a corrupt or hand-edited ``state.json`` is an error (``--restart`` starts over);
+* nothing is written before the first piece of work is finished, so a run that
+  fails to start (a bad budget, a bad option) leaves no folder behind;
+* a finished run (``result.json`` written, state marked finished) is returned
+  as it is: no model is built, no file is touched;
+* answers (``result.json``) hold no timings: wall time and model-forward counts
+  depend on where a run was interrupted and live in ``cost.json``.
+
+:func:`run_strategy` is the pipeline behind ``promptopt select`` and ``promptopt
+tune``: fit one strategy, score its baselines at the same k and budget, score
+everything on the test split once, write the prompt artifact, per-image CSV,
+figures and report. :func:`run_categories` applies a run function to several
+categories and writes a summary. ``promptopt search`` uses the same Run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .artifacts import (atomic_write_bytes, atomic_write_json, atomic_write_text, fingerprint, jsonable, load_prompt,
+                        read_json)
+from .backends.base import Backend, BackendSpec
+from .data import Sample
+from .errors import ConfigError, DataError
+from .memory import format_bytes, parse_bytes
+from .oracle import ValidationOracle, prediction_to_labels
+from .report import figures_and_command, fmt, markdown_table, write_report
+from .strategies.base import ProgressFn, PromptStrategy
+from .strategies.registry import make_strategy, strategy_class
+from .task import Task
+
+STATE_FILE = "state.json"
+STATE_FORMAT = "promptopt-run"
+STATE_VERSION = 1
+#: set to N (an integer) to SIGKILL the process right after its N-th state write (tests of resume)
+KILL_ENV = "PROMPTOPT_KILL_AFTER_SAVES"
+#: in-process test hook: called with the save count after every state write (may raise to simulate a kill)
+fault_hook: Callable[[int], None] | None = None
+_saves = 0
+
+
+def _checksum(body: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def spec_differences(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 4) -> str:
+    """Human-readable list of what differs between two specs ("task.split_seed: 0 → 1, ...")."""
+    a, b = _flatten(dict(old)), _flatten(dict(new))
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            short = lambda v: (json.dumps(v) if len(json.dumps(v)) <= 40 else "…")  # noqa: E731
+            diffs.append(f"{key}: {short(a.get(key))} → {short(b.get(key))}")
+    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return ", ".join(diffs[:limit]) + more
+
+
+class Run:
+    """A run folder with fingerprinted, resumable state (see the module docstring).
+
+    ``Run(folder, spec)`` only reads: it checks what the folder holds against
+    ``spec`` and raises :class:`ConfigError` for another run or a damaged state.
+    """
+
+    def __init__(self, folder: str | Path, spec: Mapping[str, Any], *, restart: bool = False) -> None:
+        self.folder = Path(folder)
+        self.spec = json.loads(json.dumps(dict(spec), sort_keys=True, default=str))
+        self.fingerprint = fingerprint(self.spec)
+        self._t0 = time.perf_counter()
+        self._state = self._open(restart)
+
+    # --- opening --------------------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.folder / STATE_FILE
+
+    def _fresh(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": self.fingerprint,
+                "spec": self.spec, "steps": {}, "checkpoints": {}, "finished": False, "elapsed_s": 0.0}
+
+    def _open(self, restart: bool) -> dict[str, Any]:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ConfigError(f"{self.folder}: exists and is not a folder; give --out a folder path")
+        if not self.folder.is_dir():
+            return self._fresh()
+        if not self.state_path.is_file():
+            visible = [p.name for p in self.folder.iterdir() if not p.name.startswith(".")]
+            if visible:
+                raise ConfigError(f"{self.folder}: not empty and holds no promptopt run (no {STATE_FILE}); "
+                                  "choose a new or empty folder")
+            return self._fresh()
+        try:
+            state = self._read_state()
+        except ConfigError:
+            if not restart:
+                raise
+            self._clear()
+            return self._fresh()
+        if state["fingerprint"] != self.fingerprint or restart:
+            if not restart:
+                raise ConfigError(
+                    f"{self.folder} holds a different run ({spec_differences(state.get('spec', {}), self.spec)}); "
+                    "use --restart to replace it, or choose another --out")
+            self._clear()
+            return self._fresh()
+        return state
+
+    def _read_state(self) -> dict[str, Any]:
+        hint = "rerun with --restart to start the run over"
+        try:
+            doc = json.loads(self.state_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{self.state_path}: unreadable run state ({exc}); {hint}") from None
+        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT or not isinstance(doc.get("body"), dict):
+            raise ConfigError(f"{self.state_path}: not a promptopt run state; {hint}")
+        body = doc["body"]
+        if doc.get("checksum") != _checksum(body):
+            raise ConfigError(f"{self.state_path}: run state was modified outside promptopt (checksum mismatch); {hint}")
+        if body.get("version") != STATE_VERSION:
+            raise ConfigError(f"{self.state_path}: run state of another promptopt version; {hint}")
+        return body
+
+    def _clear(self) -> None:
+        """Remove everything in the folder (only ever called on a folder that holds a run)."""
+        for p in self.folder.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    # --- state ------------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        global _saves
+        now = time.perf_counter()
+        self._state["elapsed_s"] = round(self._state["elapsed_s"] + now - self._t0, 3)
+        self._t0 = now
+        body = self._state
+        atomic_write_json(self.state_path, {"format": STATE_FORMAT, "checksum": _checksum(body), "body": body})
+        _saves += 1
+        if os.environ.get(KILL_ENV) == str(_saves):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault_hook is not None:
+            fault_hook(_saves)
+
+    def begin(self) -> None:
+        """Write the state now (for work that creates files of its own before its first step, like a search)."""
+        if not self.state_path.is_file():
+            self._save()
+
+    @property
+    def finished(self) -> bool:
+        """A finished run: its state says so and its result is on disk."""
+        return bool(self._state["finished"]) and (self.folder / "result.json").is_file()
+
+    def result(self) -> dict[str, Any]:
+        """``result.json`` of the run (a DataError when it is not there)."""
+        return read_json(self.folder / "result.json")
+
+    def step(self, name: str, compute: Callable[[], Any]) -> Any:
+        """The JSON-able value of a named piece of work: computed once, then read back from the state."""
+        if name not in self._state["steps"]:
+            value = jsonable(compute())
+            self._state["steps"][name] = value
+            self._save()
+        return self._state["steps"][name]
+
+    def checkpoint(self, name: str) -> "RunCheckpoint":
+        """A :class:`~promptopt.strategies.base.Checkpoint` stored in this run."""
+        return RunCheckpoint(self, name)
+
+    def finish(self, result: Mapping[str, Any], cost: Mapping[str, Any]) -> dict[str, Any]:
+        """Write ``result.json`` and ``cost.json`` and mark the run finished (the last write of a run)."""
+        atomic_write_json(self.folder / "cost.json", {**cost, "wall_s_total": round(
+            self._state["elapsed_s"] + time.perf_counter() - self._t0, 3)})
+        atomic_write_json(self.folder / "result.json", result)
+        self._state["finished"] = True
+        self._save()
+        return self.result()
+
+
+class RunCheckpoint:
+    """A strategy's progress inside a run: JSON data in ``state.json``, an optional torch blob in
+    ``checkpoints/<name>.<n>.pt`` (a new file each time, so the state never points at a torn blob)."""
+
+    def __init__(self, run: Run, name: str) -> None:
+        self.run, self.name = run, name
+
+    def load(self, fingerprint_: str) -> tuple[dict[str, Any], Any] | None:
+        entry = self.run._state["checkpoints"].get(self.name)
+        if entry is None:
+            return None
+        if entry["fingerprint"] != fingerprint_:
+            raise ConfigError(f"{self.run.state_path}: checkpoint {self.name!r} was made by another configuration "
+                              "of this strategy; rerun with --restart to start over")
+        blob = None
+        if entry.get("blob"):
+            path = self.run.folder / entry["blob"]
+            try:
+                blob = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+            except Exception as exc:  # a missing or foreign file: say so rather than resume from garbage
+                raise ConfigError(f"{path}: cannot read the checkpoint ({exc}); rerun with --restart") from None
+        return json.loads(json.dumps(entry["data"])), blob
+
+    def save(self, fingerprint_: str, data: dict[str, Any], blob: Any = None) -> None:
+        old = self.run._state["checkpoints"].get(self.name, {}).get("blob")
+        rel = None
+        if blob is not None:
+            n = int(old.rsplit(".", 2)[-2]) + 1 if old else 1
+            rel = f"checkpoints/{self.name}.{n}.pt"
+            buf = io.BytesIO()
+            torch.save(blob, buf)
+            atomic_write_bytes(self.run.folder / rel, buf.getvalue())
+        self.run._state["checkpoints"][self.name] = {
+            "fingerprint": fingerprint_, "blob": rel,
+            "data": jsonable(data)}
+        self.run._save()
+        if old and old != rel:
+            (self.run.folder / old).unlink(missing_ok=True)
+
+
+# --- describing inputs for a spec --------------------------------------------------------------------
+def describe(value: Any) -> Any:
+    """A JSON-able description of an option value for a run's spec (samples by key, indexes by content)."""
+    if isinstance(value, Sample):
+        return value.key
+    if isinstance(value, (list, tuple)):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "manifest_fingerprint"):
+        return {"index": value.manifest_fingerprint()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ConfigError(f"option value {value!r} cannot be part of a run's spec")
+
+
+def backend_config(backend: Backend | BackendSpec) -> dict[str, Any]:
+    """What identifies a backend in a spec (``device`` excluded: where a run computes is not what it is)."""
+    cfg = backend.config()
+    return {**cfg, "options": {k: v for k, v in (cfg.get("options") or {}).items() if k != "device"}}
+
+
+def build_backend(backend: Backend | BackendSpec) -> Backend:
+    return backend.build() if isinstance(backend, BackendSpec) else backend
+
+
+# --- the strategy pipeline ---------------------------------------------------------------------------
+def _entry(strategy: PromptStrategy, val: ValidationOracle, test: ValidationOracle | None) -> dict[str, Any]:
+    """Scores of a fitted strategy: val (optimised), test (held out, per image too), extra named scores."""
+    scored = strategy.evaluate(test) if test is not None else None
+    return {
+        "selected": strategy.selected_ids_, "val_miou": strategy.score_, "evaluations": strategy.n_evaluations_,
+        "test_miou": scored.miou if scored else None,
+        "test_fb_iou": scored.score.summary.get("fb_iou") if scored else None,
+        "test_per_image_iou": scored.per_image_iou if scored else None,
+        "extra": {"val": strategy.extra_scores(val), "test": strategy.extra_scores(test) if test else {}},
+    }
+
+
+def run_strategy(
+    task: Task,
+    backend: Backend | BackendSpec,
+    out: str | Path,
+    strategy: str = "forward",
+    options: Mapping[str, Any] | None = None,
+    *,
+    baselines: Sequence[str] | None = None,
+    random_seeds: int = 10,
+    memory_budget: str | int | None = None,
+    restart: bool = False,
+    progress: ProgressFn | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Fit ``strategy`` on ``task``, compare it with its baselines, write the run folder; return result.json.
+
+    ``options`` are the strategy's own knobs (see :func:`~promptopt.strategies.strategy_options`).
+    Baselines (default: the strategy's declared ones) run at the chosen k, under the same memory budget;
+    random search gets the same number of oracle evaluations as the strategy used. Resumable (see
+    :class:`Run`).
+    """
+    options = dict(options or {})
+    cls = strategy_class(strategy)
+    baselines = tuple(b for b in (cls.baselines if baselines is None else baselines) if b != strategy)
+    budget = parse_bytes(memory_budget)
+    spec = {"kind": "strategy", "task": task.describe(), "backend": backend_config(backend), "strategy": strategy,
+            "options": describe(options), "baselines": list(baselines), "random_seeds": int(random_seeds),
+            "memory_budget": budget}
+    run = Run(out, spec, restart=restart)
+    if run.finished:
+        return run.result()
+    t0 = time.perf_counter()
+    be = build_backend(backend)
+    val, test = task.oracles(be)
+    main = make_strategy(strategy, val, memory_budget=budget, checkpoint=run.checkpoint("strategy"),
+                         progress=progress, **options)
+    main.fit(task.pool)
+    k = main.k if main.per_query else len(main.selected_)  # type: ignore[attr-defined]
+    budget_calls = max(1, main.n_evaluations_)
+
+    def fit_baseline(name: str) -> dict[str, Any]:
+        b = make_strategy(name, val, strict=False, k=k, n_trials=budget_calls, seeds=random_seeds,
+                          memory_budget=budget, progress=progress).fit(task.pool)
+        return {**_entry(b, val, test), "k": k}
+
+    results = {name: run.step(f"baseline/{name}", lambda name=name: fit_baseline(name)) for name in baselines}
+    entry = _entry(main, val, test)
+    summary = main.summary()
+    result = {
+        "kind": "strategy",
+        "strategy": strategy,
+        "options": describe(options),
+        "backend": be.name,
+        "backend_config": be.config(),
+        **task.describe(),
+        **entry,
+        "summary": summary,
+        "history": getattr(main, "history_", []),
+        "baselines": results,
+        "memory": {"budget_bytes": budget, "estimated_peak_bytes": getattr(main, "memory_bytes_", main.memory_for(k)),
+                   "estimate_kind": be.memory_kind},
+        "metric": metric_definition(task.num_classes),
+        "command": command,
+    }
+    main.save_prompt(run.folder, category=task.category, extra={"test_miou": entry["test_miou"]})
+    write_per_image_csv(run.folder / "per_image.csv", {"val": main.evaluate(val).per_image_iou,
+                                                        "test": entry["test_per_image_iou"] or {}})
+    figures = strategy_figures(run.folder, main, results, entry, task, test)
+    cost = {"wall_s_session": round(time.perf_counter() - t0, 3), "oracle": {"val": val.stats, "test": test.stats if test else None},
+            "seconds_per_step": getattr(main, "seconds_per_step_", None)}
+    write_strategy_report(run.folder, result, figures, cost)
+    return run.finish(result, cost)
+
+
+def metric_definition(num_classes: int) -> str:
+    """What "mIoU" means in a report: foreground IoU for binary tasks (the few-shot convention)."""
+    if num_classes == 2:
+        return ("binary task: mIoU is the foreground IoU (the few-shot segmentation convention); "
+                "FB-IoU (mean of foreground and background IoU) is reported beside it")
+    return f"{num_classes} classes: mIoU is the mean IoU over classes (background included)"
+
+
+def write_per_image_csv(path: Path, parts: Mapping[str, Mapping[str, float | None]]) -> Path:
+    """``split,image,iou`` rows (IoU of each image under the run's prompt), atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["split", "image", "iou"])
+    for split, per in parts.items():
+        for image, iou in per.items():
+            w.writerow([split, image, "" if iou is None or iou != iou else f"{iou:.6f}"])
+    return atomic_write_text(path, buf.getvalue())
+
+
+def _rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Report rows: this run, then its baselines (a strategy with seeds shows the mean ± std over them)."""
+    rows = []
+    for name, e in [(result["strategy"] + " (this run)", result), *result["baselines"].items()]:
+        ev, et = e.get("extra", {}).get("val", {}), e.get("extra", {}).get("test", {})
+        rows.append({"name": name, "val_miou": ev.get("mean", e["val_miou"]),
+                     "test_miou": et.get("mean", e["test_miou"]), "test_std": et.get("std"),
+                     "k": len(e["selected"])})
+    return rows
+
+
+def strategy_figures(folder: Path, main: PromptStrategy, baselines: Mapping[str, Any], entry: Mapping[str, Any],
+                     task: Task, test: ValidationOracle | None) -> list[tuple[str, str]]:
+    """The report's figures: the strategy's own, strategies compared, prompts, test predictions (worst first)."""
+    from .plots import plot_predictions, plot_prompts, plot_strategy_scores
+
+    figs = list(main.figures(folder))
+    rows = _rows({"strategy": main.name, **entry, "baselines": baselines})
+    figs.append(("Test mIoU of each strategy (mean ± std over seeds where a strategy has seeds)",
+                 plot_strategy_scores(rows, folder / "strategies.png").name))
+    if main.selected_:  # type: ignore[attr-defined]
+        figs.append(("Chosen prompts with their masks", plot_prompts(main.selected_, folder / "prompts.png").name))  # type: ignore[attr-defined]
+    if test is not None:
+        per = entry["test_per_image_iou"] or {}
+        worst = sorted(test.samples, key=lambda s: (per.get(s.id) if per.get(s.id) is not None else -1.0))[:6]
+        labels = [prediction_to_labels(p).cpu().numpy() for p in main.predict(worst)]
+        figs.append(("The worst test images under the chosen prompts (lowest IoU first)",
+                     plot_predictions(worst, labels, folder / "predictions.png",
+                                      [per.get(s.id, float("nan")) for s in worst]).name))
+    return figs
+
+
+def write_strategy_report(folder: Path, result: Mapping[str, Any], figs: Sequence[tuple[str, str]],
+                          cost: Mapping[str, Any]) -> Path:
+    """report.md / report.html of a strategy run (figures already written beside them)."""
+    split = result["split"]
+    mem = result["memory"]
+    s = result["summary"]
+    sel = ", ".join(result["selected"]) or "(learned context)"
+    md = [
+        f"# promptopt report — {result['category']} ({result['strategy']})",
+        "",
+        f"- Data: `{result['data_root']}`, category `{result['category']}`, {result['num_classes']} classes",
+        f"- Split (seed {result['split_seed']}): pool {len(split['pool'])}, val {len(split['val'])}, "
+        f"test {len(split['test'])}",
+        f"- Backend: `{result['backend']}` {result['backend_config'].get('checkpoint') or ''}",
+        f"- Options: {', '.join(f'{k}={v}' for k, v in sorted(result['options'].items())) or 'defaults'}",
+        f"- Selected ({len(result['selected'])}): {sel}",
+        f"- Val mIoU (optimised): **{fmt(result['val_miou'])}**; test mIoU (held out — trust this one): "
+        f"**{fmt(result['test_miou'])}** (FB-IoU {fmt(result.get('test_fb_iou'))})",
+        f"- Metric: {result['metric']}",
+        f"- Oracle: {result['evaluations']} prompt-set evaluations by the strategy; this session "
+        f"{cost['oracle']['val']['forwards']} model forwards on val; wall time {cost['wall_s_session']:.1f} s",
+        f"- Memory: the strategy compared an estimated peak of {format_bytes(mem['estimated_peak_bytes'])} "
+        f"({mem['estimate_kind']}) with the budget {format_bytes(mem['budget_bytes'])}",
+    ]
+    if s.get("stop_reason"):
+        why = {"pool_exhausted": "the prompt pool has fewer examples than allowed"}.get(s["stop_reason"], s["stop_reason"])
+        md.append(f"- Stopped because: {why}")
+    if result["extra"]["val"]:
+        md.append("- Also scored: " + "; ".join(
+            f"{k} val {fmt(v)} / test {fmt(result['extra']['test'].get(k))}" for k, v in result["extra"]["val"].items()))
+    rows = _rows(result)
+    md += ["", "## Strategies compared", "",
+           markdown_table(["strategy", "prompts", "val mIoU", "test mIoU", "test std"],
+                          [[r["name"], r["k"], r["val_miou"], r["test_miou"], r["test_std"]] for r in rows]), ""]
+    per = result.get("test_per_image_iou") or {}
+    if per:
+        worst = sorted(per.items(), key=lambda kv: kv[1] if kv[1] is not None else -1.0)[:5]
+        md += ["## Worst test images", "", markdown_table(["image", "IoU"], worst), "",
+               "Every image's IoU is in `per_image.csv`.", ""]
+    md += figures_and_command(figs, result.get("command"))
+    write_report(folder, "\n".join(md))
+    return folder / "report.md"
+
+
+# --- context tuning's starting point -------------------------------------------------------------------
+def tuning_init(task: Task, init: str | Path | None, shots: int | None = None, seed: int = 0) -> list[Sample] | str:
+    """What ``promptopt tune`` starts from: K drawn pool examples, a prompt.json's examples,
+    ``"noise"`` or ``"best-single"`` (the default)."""
+    if init is not None and shots is not None:
+        raise ConfigError("give at most one of --init PROMPT_JSON|noise|best-single and --shots K")
+    if shots is not None:
+        return task.draw_prompts(shots, seed)
+    if init is None or str(init) in ("noise", "best-single"):
+        return str(init or "best-single")
+    art = load_prompt(init)
+    if art.num_classes != task.num_classes:
+        raise ConfigError(f"{art.path}: prompt has {art.num_classes} classes, category {task.category!r} has "
+                          f"{task.num_classes}")
+    held_out = {s.id: part for part, ids in (("val", task.split.val), ("test", task.split.test)) for s in ids}
+    leaked = [f"{i} ({held_out[i]})" for i in art.ids if i in held_out]
+    if leaked:
+        raise ConfigError(f"{art.path}: init examples {', '.join(leaked[:5])} are held-out images of this split "
+                          f"(--split-seed {task.split_seed}); use the split the prompt was selected on")
+    if not art.examples:
+        raise ConfigError(f"{art.path}: holds no examples to start tuning from")
+    pool = {s.id: s for s in task.pool}
+    return [pool.get(s.id, s) for s in art.samples()]
+
+
+# --- several categories ------------------------------------------------------------------------------
+def run_categories(run_one: Callable[[str, Path], dict[str, Any]], categories: Sequence[str], out: str | Path,
+                   log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """``run_one(category, folder)`` for each category (one folder each under ``out`` when there are
+    several, ``out`` itself for one), then ``summary.json``/``summary.md`` over them."""
+    out = Path(out)
+    if len(categories) == 1:
+        return {categories[0]: run_one(categories[0], out)}
+    results = {}
+    for cat in categories:
+        results[cat] = run_one(cat, out / cat)
+        if log:
+            log(one_line(results[cat]))
+    write_summary(out, results)
+    return results
+
+
+def one_line(result: Mapping[str, Any]) -> str:
+    """A result in one line (what the CLI prints per category)."""
+    what = result.get("strategy")
+    if result.get("kind") == "search":
+        what = f"best trial {result['best_trial']} of {result['trials']['total']} ({what})"
+    line = (f"{result['category']}: {what} val mIoU {fmt(result['val_miou'], 4)}  "
+            f"test mIoU {fmt(result.get('test_miou'), 4)}")
+    if result.get("selected") is not None:
+        line += f"  ({len(result['selected'])} prompt(s): {', '.join(result['selected'][:8])})"
+    stop = (result.get("summary") or {}).get("stop_reason")
+    if stop == "pool_exhausted":
+        line += "  [stopped: the pool has fewer examples than --max-prompts]"
+    return line
+
+
+def write_summary(out: Path, results: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Table over categories (optimised separately): summary.json and summary.md."""
+    names = sorted({n for r in results.values() for n in r.get("baselines", {})})
+    header = ["category", "prompts", "val mIoU", "test mIoU"] + [f"{n} test" for n in names]
+    rows = []
+    for cat, r in results.items():
+        base = r.get("baselines", {})
+        rows.append([cat, len(r.get("selected") or []), r["val_miou"], r["test_miou"]]
+                    + [base.get(n, {}).get("extra", {}).get("test", {}).get("mean", base.get(n, {}).get("test_miou"))
+                       for n in names])
+    mean = ["**mean**", ""] + [float(np.nanmean([np.nan if r[j] is None else r[j] for r in rows]))
+                               for j in range(2, len(header))]
+    md = "# promptopt summary\n\n" + markdown_table(header, rows + [mean]) + "\n"
+    atomic_write_json(out / "summary.json", {"categories": dict(results)})
+    write_report(out, md, name="summary")
+    return out / "summary.md"
+
+
+__all__ = ["Run", "RunCheckpoint", "run_strategy", "run_categories", "tuning_init", "spec_differences",
+           "metric_definition", "write_summary", "one_line"]

@@ -533,14 +533,17 @@ def load_dataset(
     """
     root = Path(root).expanduser()
     if not root.exists():
-        raise DataError(f"{root}: data folder or annotations file not found")
+        what = "annotations file" if root.suffix.lower() == ".json" else "data folder"
+        raise DataError(f"{root}: {what} not found")
     if mask_mode not in ("auto", "binary", "classes"):
         raise ConfigError(f"unknown mask mode {mask_mode!r}; use auto, binary or classes")
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
         raise ConfigError(f"num_classes must be an integer, got {num_classes!r}")
-    if num_classes is not None and not 2 <= num_classes <= MAX_CLASS_ID + 1:
+    if num_classes is not None and num_classes < 2:
+        raise ConfigError(f"num_classes must be at least 2 (background + one class), got {num_classes}")
+    if num_classes is not None and num_classes > MAX_CLASS_ID + 1:
         raise ConfigError(
-            f"num_classes must be 2..{MAX_CLASS_ID + 1} (background + classes; class id {IGNORE_INDEX} is "
+            f"num_classes must be at most {MAX_CLASS_ID + 1} (class ids 0..{MAX_CLASS_ID}; {IGNORE_INDEX} is "
             f"ignore), got {num_classes}"
         )
     coco = _coco_source(root)

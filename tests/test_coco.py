@@ -355,7 +355,7 @@ def test_files_that_are_not_instances_files(tmp_path, case):
 
 
 def test_missing_json_and_xml(tmp_path):
-    with pytest.raises(DataError, match=r"nope\.json: data folder or annotations file not found"):
+    with pytest.raises(DataError, match=r"nope\.json: annotations file not found"):
         load_dataset(tmp_path / "nope.json")
     (tmp_path / "cvat.xml").write_text("<annotations/>")
     with pytest.raises(DataError, match=r"cvat\.xml: XML annotations .* COCO 1\.0"):

@@ -292,8 +292,10 @@ def test_inferred_class_count_is_bounded_and_names_the_file(tmp_path):
 
 
 def test_num_classes_option_is_checked(tmp_path, blob_dataset):
-    with pytest.raises(ConfigError, match="num_classes must be 2..255"):
+    with pytest.raises(ConfigError, match="num_classes must be at most 255"):
         load_dataset(blob_dataset, num_classes=256)
+    with pytest.raises(ConfigError, match="num_classes must be at least 2"):
+        load_dataset(blob_dataset, num_classes=1)
     with pytest.raises(ConfigError, match="num_classes must be an integer"):
         load_dataset(blob_dataset, num_classes="3")
 

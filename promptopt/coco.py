@@ -355,7 +355,7 @@ def _resolve_one(name: str, categories: dict[int, str], path: Path) -> int:
     raise ConfigError(f"{path}: unknown category {name!r}; available: {shown}{more} (or their ids)")
 
 
-def _tasks(category: str | Iterable[str] | None, categories: dict[int, str], path: Path) -> list[list[int]]:
+def _tasks(category: str | int | Iterable[str | int] | None, categories: dict[int, str], path: Path) -> list[list[int]]:
     """The category ids of each task: one list per requested task, in the order given."""
     if category is None:
         names = list(categories.values())
@@ -363,7 +363,7 @@ def _tasks(category: str | Iterable[str] | None, categories: dict[int, str], pat
         if dupes:
             raise DataError(f"{path}: several categories are named {dupes[0]!r}; choose categories by id")
         return [[cid] for cid in categories]
-    specs = [category] if isinstance(category, str) else list(category)
+    specs = [str(c) for c in ([category] if isinstance(category, (str, int)) else category)]  # ids may be ints
     tasks = []
     for spec in specs:
         if any(n == spec for n in categories.values()) or "," not in spec:
@@ -420,9 +420,9 @@ def load_coco(
     images_dir = Path(images).expanduser() if images is not None else default_images_dir(path)
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: images folder not found")
-    by_image: dict[int, list[int]] = {}
+    by_category: dict[int, list[int]] = {}  # so that each task touches only its own annotations
     for i, a in enumerate(anns):
-        by_image.setdefault(a["image_id"], []).append(i)
+        by_category.setdefault(a["category_id"], []).append(i)
 
     by_cat: dict[str, list[Sample]] = {}
     names: dict[str, list[str]] = {}
@@ -435,17 +435,14 @@ def load_coco(
         if num_classes is not None and num_classes != n_classes:
             raise ConfigError(f"{path}: category {key!r} is a {n_classes}-class task (background + "
                               f"{n_classes - 1}), not {num_classes} classes")
-        picked: list[tuple[_Image, tuple[_Region, ...]]] = []
-        for img in imgs.values():
-            regions = []
-            for i in by_image.get(img.id, ()):
+        regions: dict[int, list[_Region]] = {}
+        for c in cat_ids:
+            for i in by_category.get(c, ()):
                 a = anns[i]
-                if a["category_id"] in class_of:
-                    _check_segmentation(a, i, img, path)
-                    regions.append(_Region(a.get("id", f"#{i}"), class_of[a["category_id"]],
-                                           bool(a.get("iscrowd", 0)), a["segmentation"]))
-            if regions or keep_empty:
-                picked.append((img, tuple(regions)))
+                _check_segmentation(a, i, imgs[a["image_id"]], path)
+                regions.setdefault(a["image_id"], []).append(
+                    _Region(a.get("id", f"#{i}"), class_of[c], bool(a.get("iscrowd", 0)), a["segmentation"]))
+        picked = [(img, tuple(regions.get(img.id, ()))) for img in imgs.values() if keep_empty or img.id in regions]
         if not picked:
             raise DataError(f"{path}: no image has an annotation of category {key!r}")
         samples = []

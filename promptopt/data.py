@@ -39,7 +39,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Protocol, Sequence, runtime_checkable
+from typing import Iterable, Literal, Protocol, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -211,7 +211,6 @@ def check_labels(mask: np.ndarray, num_classes: int, where: str) -> None:
         )
 
 
-@runtime_checkable
 class MaskSource(Protocol):
     """Where a sample's mask comes from when it is not a mask file (e.g. COCO annotations).
 

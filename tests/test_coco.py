@@ -219,6 +219,7 @@ def test_binary_mode_merges_categories_and_ids_select_categories(tmp_path):
     assert np.array_equal(union, (box(0, 0, 3, 3) | box(2, 2, 6, 5)).astype(int))
     by_id = load_dataset(ann, category="2")
     assert by_id.categories == ["dog"] and np.array_equal(masks_by_id(by_id)["b"], box(4, 0, 8, 2).astype(int))
+    assert load_dataset(ann, category=2).categories == ["dog"]
     every = load_dataset(ann)
     assert every.categories == ["cat", "dog"] and all(every.num_classes(c) == 2 for c in every.categories)
     listed = load_dataset(ann, category=["dog", "cat,dog"])

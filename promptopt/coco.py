@@ -53,7 +53,7 @@ from typing import Any, Iterable
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .data import IGNORE_INDEX, Dataset, MaskMode, Sample, _image_size
+from .data import IGNORE_INDEX, LABELME_HINT, Dataset, MaskMode, Sample, _image_size
 from .errors import ConfigError, DataError
 
 
@@ -89,11 +89,8 @@ def _check_instances(doc: Any, path: Path) -> None:
     if not isinstance(doc, dict):
         raise DataError(f"{path}: a JSON {type(doc).__name__}, not an instances file; {expected}")
     if "shapes" in doc and "imagePath" in doc:
-        raise DataError(
-            f"{path}: a LabelMe annotation, not COCO; convert the folder with labelme2coco "
-            "(pip install labelme2coco; see the README)"
-        )
-    if doc.get("format") == "promptopt.prompt" or ("examples" in doc and "backend" in doc):
+        raise DataError(f"{path}: a LabelMe annotation, not COCO; {LABELME_HINT}")
+    if "examples" in doc and "backend" in doc:
         raise DataError(f"{path}: a promptopt prompt file, not annotations; {expected}")
     anns = doc.get("annotations")
     if isinstance(anns, list) and anns and isinstance(anns[0], dict):

@@ -36,6 +36,7 @@ holds only background and ignore pixels (values {0, 255}); pass
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 LOSSY_EXTENSIONS = (".jpg", ".jpeg", ".webp")
 
 MaskMode = Literal["auto", "binary", "classes"]
+LABELME_HINT = "convert the LabelMe folder to COCO with labelme2coco (pip install labelme2coco; see the README)"
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -475,6 +477,15 @@ def _annotation_files(folder: Path) -> list[Path]:
     return found
 
 
+def _is_labelme(path: Path) -> bool:
+    """Whether a JSON file is a LabelMe annotation (one per image: 'shapes' and 'imagePath'), for a better error."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "shapes" in doc and "imagePath" in doc
+
+
 def _coco_source(source: Path) -> Path | None:
     """The COCO annotations file ``source`` designates, or None for a folder dataset.
 
@@ -499,6 +510,10 @@ def _coco_source(source: Path) -> Path | None:
         return None
     candidates = _annotation_files(source)
     if len(candidates) > 1:
+        if _is_labelme(candidates[0]):
+            raise DataError(
+                f"{source}: holds LabelMe annotations ({candidates[0].name}, ...), not COCO; {LABELME_HINT}"
+            )
         raise DataError(
             f"{source}: holds several JSON files ({', '.join(str(p.relative_to(source)) for p in candidates[:6])}"
             f"{', ...' if len(candidates) > 6 else ''}); pass the COCO instances file itself"

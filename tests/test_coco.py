@@ -309,6 +309,13 @@ def test_folder_with_several_json_files_is_ambiguous(tmp_path):
         load_dataset(tmp_path)
 
 
+def test_labelme_folder_points_to_the_conversion(tmp_path):
+    for stem in ("a", "b"):
+        (tmp_path / f"{stem}.json").write_text(json.dumps({"version": "5.4.1", "shapes": [], "imagePath": f"{stem}.jpg"}))
+    with pytest.raises(DataError, match=r"holds LabelMe annotations \(a\.json, \.\.\.\), not COCO; .*labelme2coco"):
+        load_dataset(tmp_path)
+
+
 def test_folder_datasets_ignore_a_json_beside_them(sample_root):
     assert bundled_sample_coco().parent.parent == sample_root
     assert load_dataset(sample_root).categories == ["blackswan", "camel", "car-roundabout", "dog"]
@@ -341,7 +348,7 @@ BAD_FILES = {
     "labelme": ('{"version": "5", "shapes": [], "imagePath": "a.jpg"}', r"bad\.json: a LabelMe annotation.*labelme2coco"),
     "panoptic": ('{"images": [], "annotations": [{"segments_info": []}], "categories": []}', r"bad\.json: a COCO panoptic"),
     "captions": ('{"images": [], "annotations": [{"caption": "a dog"}], "categories": []}', r"bad\.json: a COCO captions"),
-    "prompt file": ('{"format": "promptopt.prompt", "examples": [], "backend": {}}', r"bad\.json: a promptopt prompt"),
+    "prompt file": ('{"format": "promptopt-prompt", "examples": [], "backend": {}}', r"bad\.json: a promptopt prompt"),
     "a number": ("3", r"bad\.json: a JSON int, not an instances file"),
     "no images": ('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}', r"bad\.json: lists no images"),
 }

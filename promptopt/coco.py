@@ -53,7 +53,7 @@ from typing import Any, Iterable
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .data import IGNORE_INDEX, LABELME_HINT, Dataset, MaskMode, Sample, _image_size
+from .data import IGNORE_INDEX, LABELME_HINT, Dataset, MaskMode, Sample, image_size
 from .errors import ConfigError, DataError
 
 
@@ -388,7 +388,7 @@ def _check_image_file(path: Path, image: _Image, annotations: Path, images_dir: 
     if not path.is_file():
         raise DataError(f"{path}: image file not found (image id {image.id} of {annotations}; file names are "
                         f"looked up in {images_dir}, pass the images folder with --images)")
-    h, w = _image_size(path)
+    h, w = image_size(path)
     if (h, w) != (image.height, image.width):
         hint = " (an EXIF rotation? save the image rotated)" if (h, w) == (image.width, image.height) else ""
         raise DataError(f"{path}: image size {w}x{h} differs from the width x height {image.width}x{image.height} "

@@ -343,7 +343,8 @@ def _files_by_stem(folder: Path, extensions: Sequence[str]) -> dict[str, Path]:
     return out
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header (no decoding), or a DataError naming it."""
     try:
         with Image.open(path) as im:
             return im.size[1], im.size[0]
@@ -378,7 +379,7 @@ def scan_category(folder: Path, category: str, mask_mode: MaskMode = "auto", num
     samples = []
     for stem, ipath in images.items():
         mpath = masks[stem]
-        isize, msize = _image_size(ipath), _image_size(mpath)
+        isize, msize = image_size(ipath), image_size(mpath)
         if isize != msize:
             raise DataError(
                 f"{mpath}: mask size {msize[1]}x{msize[0]} does not match image {ipath.name} size {isize[1]}x{isize[0]}"

@@ -2,30 +2,45 @@
 
 This module knows files and masks, nothing about models. It turns a folder laid
 out as ``<root>/<category>/{images,masks}/`` (or ``<root>/{images,masks}/`` for a
-single category) into :class:`Sample` objects, checks the files up front so that
-a bad dataset fails with a message naming the file, and splits each category
-into a prompt pool, a validation set (what strategies optimise) and a test set
-(what users should trust).
+single category), or COCO instances annotations (:mod:`promptopt.coco`), into
+:class:`Sample` objects, checks the files up front so that a bad dataset fails
+with a message naming the file, and splits each category into a prompt pool, a
+validation set (what strategies optimise) and a test set (what users should
+trust).
 
-Mask conventions (``mask_mode="auto"``, decided per file):
+What each mask encoding becomes (class ids; 255 = ignore, never scored):
 
-* palette PNGs (mode ``P``, VOC style): the palette index is the class id,
-  255 is "ignore";
-* single-channel masks whose values are all in {0, 255}: binary, 255 is the
-  foreground (class 1);
-* any other single-channel mask: class ids 0..K, 255 is "ignore".
+==============================  ===================================  ===============================
+file                            ``mask_mode="auto"`` / ``"classes"``  ``mask_mode="binary"``
+==============================  ===================================  ===============================
+1-bit PNG (mode ``1``)          0 / 1 = background / object           same
+palette PNG (``P``, VOC style)  palette index = class id, 255 ignore  index > 0 → 1, 255 ignore
+8-bit grey, values {0, 255}     auto: 255 → 1; classes: 255 = ignore  255 → 1
+16-bit grey, values {0, 65535}  auto: 65535 → 1; classes: error       65535 → 1
+grey, other values (8/16-bit)   class ids 0..254, 255 = ignore;       {0,1} or {0,1,255}: as is;
+                                any value > 255 is an error naming    else value > half the range
+                                the file and the values               (127, or 32767 above 255)
+grey RGB(A) / LA                as grey (alpha ignored)               as grey
+colour RGB, alpha-only masks,   error naming the file                 error
+non-integer float TIFF, other
+image modes
+==============================  ===================================  ===============================
 
-The one ambiguous case is a class-id mask that holds only background and
-ignore pixels (values {0, 255}); pass ``mask_mode="classes"`` for such data.
+``"auto"`` decides per file. Its one ambiguous case is a class-id mask that
+holds only background and ignore pixels (values {0, 255}); pass
+``mask_mode="classes"`` for such data. A class-id mask never yields more than
+255 classes, and :meth:`Dataset.num_classes` refuses to *infer* more than
+``MAX_INFERRED_CLASSES`` (typically a resized 0/255 mask read as class ids).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Literal, Protocol, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -33,11 +48,14 @@ from PIL import Image, UnidentifiedImageError
 from .errors import ConfigError, DataError
 
 IGNORE_INDEX = 255
+MAX_CLASS_ID = IGNORE_INDEX - 1  # class ids are 0..254: 255 is "ignore" and masks are saved as 8-bit PNGs
+MAX_INFERRED_CLASSES = 64  # more classes than this must be asked for with num_classes (see Dataset.num_classes)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 LOSSY_EXTENSIONS = (".jpg", ".jpeg", ".webp")
 
 MaskMode = Literal["auto", "binary", "classes"]
+LABELME_HINT = "convert the LabelMe folder to COCO with labelme2coco (pip install labelme2coco; see the README)"
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -57,36 +75,117 @@ def read_image(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: unreadable image ({exc})") from None
 
 
-def decode_mask(im: Image.Image, mode: MaskMode = "auto", path: str | Path = "<mask>") -> np.ndarray:
-    """Turn a mask image into an (H, W) int64 array of class ids (255 = ignore).
+def _gray_values(im: Image.Image, path: str | Path) -> np.ndarray:
+    """The single channel of a non-palette mask as int64, or a DataError saying why the image is no mask.
 
-    See the module docstring for the conventions ``mode="auto"`` follows.
-    ``mode="binary"`` thresholds any single-channel mask at > 127 (foreground = 1)
-    and keeps 255 nowhere; ``mode="classes"`` takes the values as class ids.
+    Grey RGB(A)/LA masks are accepted (all colour channels equal); their alpha
+    is ignored unless the mask lives *only* in the alpha channel (uniform colour,
+    varying alpha), which is refused rather than read as an empty mask.
     """
-    if im.mode == "P":
-        arr = np.asarray(im, dtype=np.int64)
-        if mode == "binary":  # any non-background index is the object; 255 stays "ignore"
-            return np.where(arr == IGNORE_INDEX, IGNORE_INDEX, (arr > 0).astype(np.int64))
-        return arr.copy()
-    if im.mode in ("RGB", "RGBA"):
-        rgb = np.asarray(im.convert("RGB"))
-        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+    mode = im.mode
+    if mode in ("RGB", "RGBA", "LA"):
+        arr = np.asarray(im)
+        colour = arr[..., :-1] if mode in ("RGBA", "LA") else arr
+        if mode != "LA" and not (
+            np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])
+        ):
             raise DataError(
                 f"{path}: colour (RGB) masks are not supported; save the mask as a palette PNG "
                 "(class id = palette index) or as a single-channel PNG of class ids"
             )
-        arr = rgb[..., 0].astype(np.int64)
-    elif im.mode == "1":
-        arr = np.asarray(im, dtype=np.int64) * 255
-    else:
-        arr = np.asarray(im.convert("L") if im.mode not in ("L", "I", "I;16") else im).astype(np.int64)
+        gray = colour[..., 0]
+        if mode != "RGB":
+            alpha = arr[..., -1]
+            if gray.min(initial=0) == gray.max(initial=0) and alpha.min(initial=255) != alpha.max(initial=255):
+                raise DataError(
+                    f"{path}: the mask is in the alpha channel (colour is uniform, transparency varies); "
+                    "save it as a single-channel PNG (0 = background, 255 = object)"
+                )
+        return gray.astype(np.int64)
+    if mode in ("L", "I") or mode.startswith("I;16"):
+        return np.asarray(im).astype(np.int64)
+    if mode == "F":
+        arr = np.asarray(im)
+        if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
+            raise DataError(
+                f"{path}: floating-point mask with non-integer values; masks hold whole class ids "
+                "(0 = background, 255 = ignore) or 0/255"
+            )
+        return arr.astype(np.int64)
+    raise DataError(
+        f"{path}: unsupported mask image mode {mode!r}; save masks as 1-, 8- or 16-bit single-channel "
+        "or palette PNGs"
+    )
+
+
+def _value_set(arr: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an int64 array (counting sort when they fit 16 bits: no full sort of the pixels)."""
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo >= 0 and hi <= 0xFFFF:
+        return np.flatnonzero(np.bincount(arr.ravel(), minlength=hi + 1)).astype(np.int64)
+    return np.unique(arr)
+
+
+def _show_values(values: np.ndarray, limit: int = 5) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:limit])
+    return f"[{shown}, ...] ({values.size} distinct)" if values.size > limit else f"[{shown}]"
+
+
+def _check_class_ids(values: np.ndarray, path: str | Path) -> None:
+    """Refuse values that cannot be class ids (negative, or above 255) instead of inventing thousands of classes."""
+    bad = values[(values < 0) | (values > IGNORE_INDEX)]
+    if bad.size:
+        raise DataError(
+            f"{path}: mask value(s) {_show_values(bad)} are not class ids: class-id masks hold 0..{MAX_CLASS_ID} "
+            f"({IGNORE_INDEX} = ignore) and binary masks 0/255 or 0/65535; "
+            "for a mask to threshold at half its range use --mask-mode binary"
+        )
+
+
+def _decode_binary(arr: np.ndarray, values: np.ndarray, path: str | Path) -> np.ndarray:
+    """``mask_mode="binary"`` for single-channel masks (see the module docstring's table)."""
+    if values.size and values.min() < 0:
+        raise DataError(f"{path}: negative mask value(s) {_show_values(values[values < 0])}")
+    if np.isin(values, (0, 1)).all():
+        return arr.copy()
+    if 1 in values and np.isin(values, (0, 1, IGNORE_INDEX)).all():
+        return arr.copy()  # 0/1 class ids with 255 = ignore: already binary
+    top = int(values.max())
+    half = 127 if top <= 255 else 32767
+    if top <= half:
+        raise DataError(
+            f"{path}: binary mask mode: largest value {top} is not above half the mask's range ({half}), "
+            f"so no pixel would be foreground (values {_show_values(values)}); "
+            "for class ids use --mask-mode auto or classes"
+        )
+    return (arr > half).astype(np.int64)
+
+
+def decode_mask(im: Image.Image, mode: MaskMode = "auto", path: str | Path = "<mask>") -> np.ndarray:
+    """Turn a mask image into an (H, W) int64 array of class ids (255 = ignore).
+
+    The module docstring's table says what every encoding becomes in each mode.
+    Values that cannot be class ids are a DataError naming ``path`` and the
+    values, never a silently huge number of classes.
+    """
+    if im.mode in ("P", "PA"):
+        arr = np.asarray(im.getchannel(0) if im.mode == "PA" else im).astype(np.int64)
+        if mode == "binary":  # any non-background index is the object; 255 stays "ignore"
+            return np.where(arr == IGNORE_INDEX, IGNORE_INDEX, (arr > 0).astype(np.int64))
+        return arr
+    if im.mode == "1":
+        return np.asarray(im).astype(np.int64)  # 0/1 already: background / foreground in every mode
+    arr = _gray_values(im, path)
+    values = _value_set(arr)
     if mode == "binary":
-        return (arr > 127).astype(np.int64)
+        return _decode_binary(arr, values, path)
     if mode == "auto":
-        values = np.unique(arr)
-        if np.isin(values, (0, 255)).all():
-            return (arr == 255).astype(np.int64)
+        for full in (255, 0xFFFF):  # 0/255 (8-bit) or 0/65535 (16-bit) alone: a binary mask
+            if np.isin(values, (0, full)).all():
+                return (arr == full).astype(np.int64)
+    _check_class_ids(values, path)
     return arr
 
 
@@ -114,15 +213,30 @@ def check_labels(mask: np.ndarray, num_classes: int, where: str) -> None:
         )
 
 
+class MaskSource(Protocol):
+    """Where a sample's mask comes from when it is not a mask file (e.g. COCO annotations).
+
+    ``load()`` returns the (H, W) int64 class-id mask (255 = ignore), raising a
+    DataError that names the source on bad data; ``fingerprint()`` returns bytes
+    that change whenever the mask would; ``str(source)`` names it in messages.
+    """
+
+    def load(self) -> np.ndarray: ...
+
+    def fingerprint(self) -> bytes: ...
+
+
 class Sample:
     """One labelled image: ``id`` (file stem), ``category``, ``image`` (H, W, 3) uint8, ``mask`` (H, W) int.
 
-    Images and masks are read from ``path`` / ``mask_path`` on first access and
-    then kept, so a large dataset costs memory only for what is used. A sample can
-    also be built from arrays directly (``path`` is then ``None``).
+    Images and masks are read from ``path`` / ``mask_path`` (or ``mask_source``,
+    e.g. COCO annotations) on first access and then kept, so a large dataset
+    costs memory only for what is used. A sample can also be built from arrays
+    directly (``path`` is then ``None``).
     """
 
-    __slots__ = ("id", "category", "path", "mask_path", "mask_mode", "num_classes", "_image", "_mask", "_size")
+    __slots__ = ("id", "category", "path", "mask_path", "mask_source", "mask_mode", "num_classes",
+                 "_image", "_mask", "_size")
 
     def __init__(
         self,
@@ -135,6 +249,7 @@ class Sample:
         mask_mode: MaskMode = "auto",
         num_classes: int | None = None,
         size: tuple[int, int] | None = None,
+        mask_source: MaskSource | None = None,
     ) -> None:
         if image is None and path is None:
             raise ValueError("a Sample needs an image array or a path")
@@ -142,6 +257,7 @@ class Sample:
         self.category = str(category)
         self.path = Path(path) if path is not None else None
         self.mask_path = Path(mask_path) if mask_path is not None else None
+        self.mask_source = mask_source
         self.mask_mode: MaskMode = mask_mode
         self.num_classes = num_classes
         self._image = None if image is None else np.ascontiguousarray(image, dtype=np.uint8)
@@ -169,22 +285,25 @@ class Sample:
 
     @property
     def has_mask(self) -> bool:
-        return self._mask is not None or self.mask_path is not None
+        return self._mask is not None or self.mask_path is not None or self.mask_source is not None
 
     @property
     def mask(self) -> np.ndarray:
         if self._mask is None:
-            if self.mask_path is None:
+            if self.mask_path is not None:
+                mask, where = read_mask(self.mask_path, self.mask_mode), str(self.mask_path)
+            elif self.mask_source is not None:
+                mask, where = self.mask_source.load(), str(self.mask_source)
+            else:
                 raise DataError(f"sample {self.key} has no mask")
-            mask = read_mask(self.mask_path, self.mask_mode)
             size = self._size or self.image.shape[:2]
             if mask.shape != tuple(size):
                 raise DataError(
-                    f"{self.mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} does not match "
+                    f"{where}: mask size {mask.shape[1]}x{mask.shape[0]} does not match "
                     f"image {self.path} size {size[1]}x{size[0]}"
                 )
             if self.num_classes is not None:
-                check_labels(mask, self.num_classes, str(self.mask_path))
+                check_labels(mask, self.num_classes, where)
             self._mask = mask
         return self._mask
 
@@ -198,11 +317,16 @@ class Sample:
     def fingerprint(self) -> str:
         """A content hash of image and mask bytes (for index manifests and caches that outlive a run)."""
         h = hashlib.sha1()
-        for p, arr in ((self.path, self._image), (self.mask_path, self._mask)):
-            if p is not None:
-                h.update(Path(p).read_bytes())
-            elif arr is not None:
-                h.update(np.ascontiguousarray(arr).tobytes())
+        if self.path is not None:
+            h.update(self.path.read_bytes())
+        elif self._image is not None:
+            h.update(np.ascontiguousarray(self._image).tobytes())
+        if self.mask_path is not None:
+            h.update(self.mask_path.read_bytes())
+        elif self.mask_source is not None:
+            h.update(self.mask_source.fingerprint())
+        elif self._mask is not None:
+            h.update(np.ascontiguousarray(self._mask).tobytes())
         return h.hexdigest()
 
     def __repr__(self) -> str:
@@ -219,7 +343,8 @@ def _files_by_stem(folder: Path, extensions: Sequence[str]) -> dict[str, Path]:
     return out
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header (no decoding), or a DataError naming it."""
     try:
         with Image.open(path) as im:
             return im.size[1], im.size[0]
@@ -234,7 +359,10 @@ def scan_category(folder: Path, category: str, mask_mode: MaskMode = "auto", num
     img_dir, mask_dir = folder / "images", folder / "masks"
     for d in (img_dir, mask_dir):
         if not d.is_dir():
-            raise DataError(f"{d}: folder not found (expected {folder}/images/ and {folder}/masks/)")
+            raise DataError(
+                f"{d}: folder not found (expected {folder}/images/ and {folder}/masks/, "
+                "or COCO annotations: an instances .json file)"
+            )
     images = _files_by_stem(img_dir, IMAGE_EXTENSIONS)
     masks = _files_by_stem(mask_dir, MASK_EXTENSIONS + LOSSY_EXTENSIONS)
     if not images:
@@ -251,7 +379,7 @@ def scan_category(folder: Path, category: str, mask_mode: MaskMode = "auto", num
     samples = []
     for stem, ipath in images.items():
         mpath = masks[stem]
-        isize, msize = _image_size(ipath), _image_size(mpath)
+        isize, msize = image_size(ipath), image_size(mpath)
         if isize != msize:
             raise DataError(
                 f"{mpath}: mask size {msize[1]}x{msize[0]} does not match image {ipath.name} size {isize[1]}x{isize[0]}"
@@ -264,12 +392,20 @@ def scan_category(folder: Path, category: str, mask_mode: MaskMode = "auto", num
 
 @dataclass
 class Dataset:
-    """All categories of one dataset root, each a list of :class:`Sample` sorted by id."""
+    """All categories of one dataset, each a list of :class:`Sample` sorted by id.
+
+    ``root`` is the dataset folder, or the annotations file of a COCO dataset
+    (whose images are under ``images_root``). ``class_names`` holds, per
+    category, the name of each class id when the source names them (COCO:
+    ``["background", "cat", ...]``); folder datasets leave it empty.
+    """
 
     root: Path
     samples_by_category: dict[str, list[Sample]]
     mask_mode: MaskMode = "auto"
     _num_classes: dict[str, int] = field(default_factory=dict, repr=False)
+    images_root: Path | None = None
+    class_names: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def categories(self) -> list[str]:
@@ -294,19 +430,33 @@ class Dataset:
         return category
 
     def num_classes(self, category: str | None = None) -> int:
-        """Number of classes (background included) = largest class id in the category's masks + 1, at least 2."""
+        """Number of classes (background included): given at load, or the largest class id in the masks + 1 (≥ 2).
+
+        An inferred count above ``MAX_INFERRED_CLASSES`` is an error naming the
+        mask with the largest id: such masks are far more often resized /
+        anti-aliased 0-255 masks or instance ids than that many real classes,
+        and every class costs the backends memory and time. Pass
+        ``num_classes`` (``--num-classes``) to confirm a large count.
+        """
         cat = self.resolve_category(category)
         if cat not in self._num_classes:
             given = {s.num_classes for s in self.samples_by_category[cat]} - {None}
             if given:
                 self._num_classes[cat] = int(max(given))
             else:
-                top = 1
+                top, where = 1, None
                 for s in self.samples_by_category[cat]:
                     m = s.mask
                     valid = m[m != IGNORE_INDEX]
-                    if valid.size:
-                        top = max(top, int(valid.max()))
+                    if valid.size and int(valid.max()) > top:
+                        top, where = int(valid.max()), s.mask_path or s.mask_source or s.key
+                if top + 1 > MAX_INFERRED_CLASSES:
+                    raise DataError(
+                        f"{where}: holds class id {top}, the largest in category {cat!r}, which would make a "
+                        f"{top + 1}-class task (more than {MAX_INFERRED_CLASSES} are not inferred); if these are "
+                        f"class ids pass --num-classes {top + 1}, if this is a resized or anti-aliased 0/255 mask "
+                        "use --mask-mode binary"
+                    )
                 self._num_classes[cat] = top + 1
         return self._num_classes[cat]
 
@@ -314,41 +464,128 @@ class Dataset:
         return sum(len(v) for v in self.samples_by_category.values())
 
 
+def _has_folder_layout(d: Path) -> bool:
+    return (d / "images").is_dir() or (d / "masks").is_dir()
+
+
+def _annotation_files(folder: Path) -> list[Path]:
+    """JSON files directly in ``folder`` or in ``folder/annotations/`` (where COCO and CVAT exports keep them)."""
+    found = []
+    for d in (folder, folder / "annotations"):
+        if d.is_dir():
+            found += [p for p in sorted(d.iterdir()) if p.is_file() and p.suffix.lower() == ".json"
+                      and not p.name.startswith(".")]
+    return found
+
+
+def _is_labelme(path: Path) -> bool:
+    """Whether a JSON file is a LabelMe annotation (one per image: 'shapes' and 'imagePath'), for a better error."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "shapes" in doc and "imagePath" in doc
+
+
+def _coco_source(source: Path) -> Path | None:
+    """The COCO annotations file ``source`` designates, or None for a folder dataset.
+
+    A ``.json`` file is COCO. A folder is a folder dataset when it has
+    ``masks/`` or category subfolders; otherwise (e.g. ``images/`` and
+    ``annotations/instances_default.json``, CVAT's COCO export) it is COCO when
+    it holds exactly one JSON file, directly or in ``annotations/``.
+    """
+    if source.is_file():
+        suffix = source.suffix.lower()
+        if suffix == ".json":
+            return source
+        if suffix == ".xml":
+            raise DataError(
+                f"{source}: XML annotations (CVAT, Pascal VOC) are not read; export the task as COCO 1.0 "
+                "(CVAT) or save the masks as PNG files"
+            )
+        raise DataError(f"{source}: not a dataset folder or a COCO annotations .json file")
+    if (source / "masks").is_dir():
+        return None
+    if any(d.is_dir() and not d.name.startswith(".") and _has_folder_layout(d) for d in source.iterdir()):
+        return None
+    candidates = _annotation_files(source)
+    if len(candidates) > 1:
+        if _is_labelme(candidates[0]):
+            raise DataError(
+                f"{source}: holds LabelMe annotations ({candidates[0].name}, ...), not COCO; {LABELME_HINT}"
+            )
+        raise DataError(
+            f"{source}: holds several JSON files ({', '.join(str(p.relative_to(source)) for p in candidates[:6])}"
+            f"{', ...' if len(candidates) > 6 else ''}); pass the COCO instances file itself"
+        )
+    return candidates[0] if candidates else None
+
+
 def load_dataset(
     root: str | Path,
     category: str | Iterable[str] | None = None,
     mask_mode: MaskMode = "auto",
     num_classes: int | None = None,
+    images: str | Path | None = None,
+    keep_empty: bool = True,
 ) -> Dataset:
-    """Scan a dataset folder and check it, without decoding pixels.
+    """Scan a dataset (a folder of masks, or COCO annotations) and check it, without decoding pixels.
 
-    ``root`` is either ``<root>/{images,masks}`` (one category, named after the
-    folder) or ``<root>/<category>/{images,masks}``. ``category`` restricts the
-    scan to one or several categories (an unknown name is an error listing the
-    known ones). ``num_classes``, when given, makes any mask holding a larger
-    class id an error naming the file.
+    Folder datasets: ``root`` is ``<root>/{images,masks}`` (one category, named
+    after the folder) or ``<root>/<category>/{images,masks}``. ``category``
+    restricts the scan to one or several categories (an unknown name is an
+    error listing the known ones). ``num_classes``, when given, makes any mask
+    holding a larger class id an error naming the file.
+
+    COCO: ``root`` is an instances ``.json`` file, or a folder holding exactly
+    one JSON file (directly or in ``annotations/``) and no ``masks/``;
+    ``images`` is the folder the ``file_name`` entries are relative to
+    (default: see :func:`promptopt.coco.default_images_dir`), ``category`` a
+    name or id (one binary task), ``"a,b"`` (one semantic task, classes 1..K in
+    that order) or a list of those, and ``keep_empty=False`` drops images
+    without an annotation of the task. See :mod:`promptopt.coco`.
     """
     root = Path(root).expanduser()
     if not root.exists():
-        raise DataError(f"{root}: data folder not found")
-    if not root.is_dir():
-        raise DataError(f"{root}: not a folder")
+        what = "annotations file" if root.suffix.lower() == ".json" else "data folder"
+        raise DataError(f"{root}: {what} not found")
     if mask_mode not in ("auto", "binary", "classes"):
         raise ConfigError(f"unknown mask mode {mask_mode!r}; use auto, binary or classes")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
+        raise ConfigError(f"num_classes must be an integer, got {num_classes!r}")
     if num_classes is not None and num_classes < 2:
         raise ConfigError(f"num_classes must be at least 2 (background + one class), got {num_classes}")
-    if (root / "images").is_dir() or (root / "masks").is_dir():
+    if num_classes is not None and num_classes > MAX_CLASS_ID + 1:
+        raise ConfigError(
+            f"num_classes must be at most {MAX_CLASS_ID + 1} (class ids 0..{MAX_CLASS_ID}; {IGNORE_INDEX} is "
+            f"ignore), got {num_classes}"
+        )
+    coco = _coco_source(root)
+    if coco is not None:
+        from .coco import load_coco
+
+        return load_coco(coco, images=images, category=category, mask_mode=mask_mode, num_classes=num_classes,
+                         keep_empty=keep_empty)
+    if images is not None:
+        raise ConfigError(
+            f"{root}: --images is for COCO annotations; a folder dataset keeps its images in "
+            "<category>/images/ next to <category>/masks/"
+        )
+    if not keep_empty:
+        raise ConfigError(f"{root}: dropping images without annotations applies to COCO annotations only")
+    if _has_folder_layout(root):
         folders = {root.resolve().name: root}
     else:
         folders = {
             d.name: d
             for d in sorted(root.iterdir())
-            if d.is_dir() and not d.name.startswith(".") and ((d / "images").is_dir() or (d / "masks").is_dir())
+            if d.is_dir() and not d.name.startswith(".") and _has_folder_layout(d)
         }
     if not folders:
         raise DataError(
-            f"{root}: empty dataset: no images/ and masks/ folders "
-            f"(expected {root}/<category>/images/ and masks/, or {root}/images/ and masks/)"
+            f"{root}: empty dataset: no images/ and masks/ folders and no COCO annotations "
+            f"(expected {root}/<category>/images/ and masks/, {root}/images/ and masks/, or a COCO instances .json)"
         )
     if category is not None:
         wanted = [category] if isinstance(category, str) else list(category)
@@ -445,6 +682,11 @@ def split_samples(
 def bundled_sample_root() -> Path:
     """Folder of the small DAVIS 2016 subset shipped with the package (see its README for licence)."""
     return Path(__file__).parent / "sample_data" / "davis_mini"
+
+
+def bundled_sample_coco() -> Path:
+    """The bundled sample's masks as a COCO instances file (RLE; one crowd region on camel/00000)."""
+    return bundled_sample_root() / "annotations" / "instances.json"
 
 
 def image_samples(images: str | Path | Iterable[str | Path]) -> list[Sample]:

@@ -341,6 +341,9 @@ def test_text_prompt_on_image_only_backend_is_one_line():
     assert "'features'" in msg and "text prompts" in msg
     with pytest.raises(ConfigError):
         be.predict([TextPrompt("a cat")], val, 2)
+    with pytest.raises(ConfigError) as exc:
+        be.to_context(TextPrompt("a cat"), 2)  # context tuning has no image to start from
+    assert "text prompt" in one_line(exc)
 
 
 def test_phrase_count_must_match_classes(backend):

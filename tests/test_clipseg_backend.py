@@ -260,6 +260,24 @@ def test_text_prompt_scored_by_the_oracle(backend):
     assert not torch.equal(labels, other)
 
 
+def test_image_prompt_strategies_run_on_clipseg(backend):
+    """Forward selection, random-k and retrieval-style per-image prompts run on real frames through the pair cache:
+    no (example, image) pair is ever computed twice."""
+    from promptopt.data import bundled_sample_root, load_dataset, split_samples
+    from promptopt.strategies import ForwardSelector, RandomK
+
+    split = split_samples(load_dataset(bundled_sample_root(), category="dog").samples(), seed=0)
+    pool, val = split.pool[:4], split.val[:2]
+    oracle = ValidationOracle(backend, val, 2)
+    sel = ForwardSelector(oracle, max_prompts=2).fit(pool)
+    assert 1 <= len(sel.selected_) <= 2 and 0.0 <= sel.score_ <= 1.0
+    rnd = RandomK(oracle, k=2, seeds=3).fit(pool)
+    assert 0.0 <= rnd.score_ <= 1.0
+    per_image = oracle.score_assignment({val[0].key: pool[:1], val[1].key: pool[1:3]})
+    assert 0.0 <= per_image.miou <= 1.0
+    assert oracle.forwards == len(pool) * len(val)
+
+
 def test_semantic_visual_prompts_cover_only_their_classes(backend):
     """3 classes: an example showing only class 1 speaks for class 1 alone; a set averages per class."""
     q = make_sample(40, classes=3)
@@ -324,6 +342,18 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
     return msg
 
 
+def test_text_prompt_identity_and_class_count():
+    """Keys are stable (a string is a one-phrase tuple), distinct per phrase list, free of '/', and a text
+    prompt implies len(texts) + 1 classes."""
+    from promptopt.backends.base import infer_num_classes
+
+    assert TextPrompt("a cat").key == TextPrompt(("a cat",)).key == TextPrompt(["a cat"]).key
+    assert TextPrompt(("a", "b")).key != TextPrompt(("b", "a")).key
+    slash = TextPrompt(("car/truck", "lamp"))
+    assert "/" not in slash.key and slash.key.split("/")[-1] == slash.key
+    assert infer_num_classes([TextPrompt(("a", "b"))]) == 3 and infer_num_classes([TextPrompt("a")]) == 2
+
+
 @pytest.mark.parametrize("texts", ["", "   ", ("cat", " \t"), ()])
 def test_empty_or_whitespace_text_is_a_config_error(texts):
     with pytest.raises(ConfigError) as exc:
@@ -340,7 +370,7 @@ def test_text_prompt_on_image_only_backend_is_one_line():
     msg = one_line(exc)
     assert "'features'" in msg and "text prompts" in msg
     with pytest.raises(ConfigError):
-        be.predict([TextPrompt("a cat")], val, 2)
+        be.predict(prompts=[TextPrompt("a cat")], queries=val, num_classes=2)  # by keyword too
     with pytest.raises(ConfigError) as exc:
         be.to_context(TextPrompt("a cat"), 2)  # context tuning has no image to start from
     assert "text prompt" in one_line(exc)
@@ -377,3 +407,21 @@ def test_wrong_model_type_and_missing_parts_are_checkpoint_errors(tmp_path, chec
     assert "local Hugging Face cache" in one_line(exc)
     with pytest.raises(ConfigError):
         create_backend("clipseg")
+    with pytest.raises(ConfigError) as exc:
+        create_backend("clipseg", str(checkpoint), {"box_threshold": 0.3})  # a grounded-sam option
+    assert "box_threshold" in one_line(exc)
+
+
+def test_cli_evaluate_with_image_prompts(checkpoint):
+    """`promptopt evaluate --backend clipseg --checkpoint DIR` builds the backend by name and scores image prompts."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from promptopt.cli import app
+    from promptopt.data import bundled_sample_root
+
+    args = ["evaluate", "--data", str(bundled_sample_root()), "--category", "dog", "--shots", "2"]
+    r = CliRunner().invoke(app, [*args, "--backend", "clipseg", "--checkpoint", str(checkpoint), "--json"])
+    assert r.exit_code == 0, r.output
+    assert 0.0 <= json.loads(r.stdout)["val_miou"] <= 1.0

@@ -307,5 +307,23 @@ def test_checkpoint_errors_are_one_line(root, tmp_path):
     with pytest.raises(ConfigError) as exc:
         create_backend("grounded-sam")
     assert "two checkpoints" in one_line(exc)
-    with pytest.raises(ConfigError):
-        GroundedSAMBackend.from_pretrained(root, box_threshold=1.5)
+    for bad in ({"box_threshold": 1.5}, {"text_threshold": "high"}, {"clip_to_boxes": "false"}, {"box_batch": 0}):
+        with pytest.raises(ConfigError) as exc:
+            GroundedSAMBackend.from_pretrained(root, **bad)
+        assert next(iter(bad)) in one_line(exc)
+
+
+def test_cli_refuses_image_prompts_in_one_line(root):
+    """`promptopt evaluate` picks image examples; the text-only backend says so (exit 2), not a traceback."""
+    from typer.testing import CliRunner
+
+    from promptopt.cli import app
+    from promptopt.data import bundled_sample_root
+
+    args = ["evaluate", "--data", str(bundled_sample_root()), "--category", "dog", "--shots", "1",
+            "--backend", "grounded-sam"]
+    r = CliRunner().invoke(app, [*args, "--checkpoint", str(root)])
+    assert r.exit_code == 2 and "takes text prompts, not image prompts" in r.output
+    assert "Traceback" not in r.output
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "two checkpoints" in r.output

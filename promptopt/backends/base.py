@@ -273,9 +273,11 @@ def _checking_prompts(fn: Callable[..., Any], single: bool) -> Callable[..., Any
     """``fn`` (a backend's ``predict`` or ``pair_stats``) preceded by :func:`check_prompts` on its prompt argument."""
 
     @functools.wraps(fn)
-    def wrapper(self: Backend, prompts: Any, *args: Any, **kwargs: Any) -> Any:
-        check_prompts(self, [prompts] if single else prompts)
-        return fn(self, prompts, *args, **kwargs)
+    def wrapper(self: Backend, *args: Any, **kwargs: Any) -> Any:
+        given = args[0] if args else kwargs.get("prompt" if single else "prompts")
+        if given is not None:
+            check_prompts(self, [given] if single else given)
+        return fn(self, *args, **kwargs)
 
     wrapper._checks_prompts = True  # type: ignore[attr-defined]
     return wrapper

@@ -10,6 +10,7 @@ downloaded: every load passes ``local_files_only=True``.
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from pathlib import Path
@@ -35,6 +36,15 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, backend: str) 
         warnings.warn(f"{backend} backend: float16 is not supported on CPU; using float32", stacklevel=3)
         t = torch.float32
     return _DTYPE_NAMES[t], t
+
+
+def check_options(cls: Any, options: dict[str, Any], backend: str) -> None:
+    """ConfigError naming any option the backend's constructor does not take (instead of a TypeError)."""
+    params = inspect.signature(cls.__init__).parameters
+    known = {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"self"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"{backend} backend: unknown option(s) {unknown}; it takes {sorted(known)}")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -89,4 +99,4 @@ def load_part(cls: Any, source: str, what: str, **kwargs: Any) -> Any:
         raise CheckpointError(f"cannot load {what} from {source}: {str(exc).splitlines()[0]}") from None
 
 
-__all__ = ["DTYPES", "load_config", "load_part", "locate", "resolve_dtype"]
+__all__ = ["DTYPES", "check_options", "load_config", "load_part", "locate", "resolve_dtype"]

@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from ..data import Sample
 from ..errors import CheckpointError, ConfigError
 from .base import Backend, Context, Prompt, Stats, TextPrompt, infer_num_classes, one_hot_mask
-from .checkpoints import load_config, load_part, locate, resolve_dtype
+from .checkpoints import check_options, load_config, load_part, locate, resolve_dtype
 from .foreground import class_probabilities
 
 RELEASED_CHECKPOINT = "CIDAS/clipseg-rd64-refined"
@@ -223,6 +223,7 @@ class CLIPSegBackend(Backend):
         """
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
+        check_options(cls, {**options, "device": device, "dtype": dtype}, cls.name)
         what = "clipseg checkpoint"
         source, ref = locate(name_or_local_dir, what, RELEASED_CHECKPOINT)
         load_config(source, what, "clipseg", RELEASED_CHECKPOINT)

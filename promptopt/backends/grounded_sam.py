@@ -75,7 +75,7 @@ import torch
 from ..data import Sample
 from ..errors import CheckpointError, ConfigError
 from .base import Backend, Prompt, Stats, TextPrompt, infer_num_classes
-from .checkpoints import load_config, load_part, locate, resolve_dtype
+from .checkpoints import check_options, load_config, load_part, locate, resolve_dtype
 from .foreground import class_probabilities
 
 RELEASED_DETECTOR = "IDEA-Research/grounding-dino-tiny"
@@ -147,10 +147,12 @@ class GroundedSAMBackend(Backend):
                 f"--option detector=... --option sam=... (local copies of {RELEASED_DETECTOR} and {RELEASED_SAM}; "
                 "nothing is downloaded here)")
         for name, v in (("box_threshold", box_threshold), ("text_threshold", text_threshold)):
-            if not 0.0 <= float(v) < 1.0:
-                raise ConfigError(f"grounded-sam: {name} must be in [0, 1), got {v}")
-        if int(box_batch) < 1:
-            raise ConfigError(f"grounded-sam: box_batch must be >= 1, got {box_batch}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
+                raise ConfigError(f"grounded-sam: {name} must be a number in [0, 1), got {v!r}")
+        if not isinstance(clip_to_boxes, bool):
+            raise ConfigError(f"grounded-sam: clip_to_boxes must be true or false, got {clip_to_boxes!r}")
+        if isinstance(box_batch, bool) or not isinstance(box_batch, int) or box_batch < 1:
+            raise ConfigError(f"grounded-sam: box_batch must be an integer >= 1, got {box_batch!r}")
         self.device = torch.device(device)
         self.dtype_name, self.dtype = resolve_dtype(dtype, self.device, self.name)
         self.checkpoint = checkpoint
@@ -221,6 +223,7 @@ class GroundedSAMBackend(Backend):
     def from_pretrained(cls, name_or_local_dir: str | os.PathLike | None = None, *, detector: Any = None,
                         sam: Any = None, **options: Any) -> "GroundedSAMBackend":
         """Load both parts: ``DIR/detector`` and ``DIR/sam``, or ``detector=`` / ``sam=`` (which override ``DIR``'s)."""
+        check_options(cls, options, cls.name)
         ref = None
         if name_or_local_dir is not None:
             root = Path(name_or_local_dir).expanduser()
@@ -396,8 +399,10 @@ class GroundedSAMBackend(Backend):
         stage-1 maps and window attention, the multi-scale encoder tokens with
         their deformable-attention tensors and the vision-to-text attention
         against ``max_text_len`` tokens, the two-stage proposals' logits, the
-        decoder's queries) and SAM's encoder activations (one layer, attention
-        of a global layer included); the cached SAM embedding; one chunk of
+        decoder's queries) and SAM's encoder activations (one layer; a global
+        layer's attention counted four times over, in float32, as the eager
+        implementation holds scores, relative-position term, sum and softmax
+        together); the cached SAM embedding; one chunk of
         ``box_batch`` box masks at SAM's padded input size and at the image's;
         every prompt's statistics before the merge and the output probabilities.
         Sizes default to a 1024×1024 image; the class count is the largest
@@ -417,13 +422,15 @@ class GroundedSAMBackend(Backend):
         nv = int((h / 8 + 1) * (w / 8 + 1) * (1 + 1 / 4 + 1 / 16 + 1 / 64)) + 1
         d, t, q = int(dc.d_model), int(dc.max_text_len), int(dc.num_queries)
         lp = int(dc.num_feature_levels) * int(dc.encoder_n_points) * int(dc.encoder_attention_heads)
+        # the vision-text fusion's attention (heads × Nv × T) is held in ~5 copies (scores, clamp, both softmaxes)
         encoder = nv * (d * 10 + int(dc.encoder_ffn_dim) * 2 + lp * 3) * elt \
-            + int(dc.encoder_attention_heads) * nv * t * (2 * elt + 4) + nv * t * 4
+            + 5 * int(dc.encoder_attention_heads) * nv * t * max(elt, 4) + nv * t * 4
         decoder = q * (d * 10 + int(dc.decoder_ffn_dim) * 2 + t * 2) * elt
         detector = backbone + encoder + decoder
         vc = self.sam.config.vision_config
         n = (self.sam_input_size // int(vc.patch_size)) ** 2
-        sam_enc = elt * (n * int(vc.hidden_size) * (6 + int(vc.mlp_ratio)) + int(vc.num_attention_heads) * n * n)
+        # a global layer holds its scores, the decomposed relative-position term, their sum and the softmax
+        sam_enc = elt * n * int(vc.hidden_size) * (6 + int(vc.mlp_ratio)) + 4 * int(vc.num_attention_heads) * n * n * 4
         grid = int(self.sam.config.prompt_encoder_config.image_embedding_size)
         embedding = elt * int(vc.output_channels) * grid * grid
         masks = self.box_batch * 4 * (self.sam_input_size ** 2 + 2 * H * W + (4 * grid) ** 2)

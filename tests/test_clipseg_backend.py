@@ -321,6 +321,38 @@ def test_context_prompt_is_differentiable_in_its_image(backend):
     assert image.grad is not None and float(image.grad.abs().sum()) > 0
 
 
+def test_threshold_option_moves_the_foreground_cut_and_shares_caches(backend):
+    """threshold=t: a pixel is foreground iff its probability > t (t=0.5: the plain sigmoid cut); the twin
+    backend reuses the cached encoder activations and phrase embeddings."""
+    q = make_sample(62)
+    prompt = TextPrompt("a cat")
+    fg = backend.predict([prompt], [q], 2)[0][1]
+    half = prediction_to_labels(backend.predict([prompt], [q], 2)[0])
+    low = backend.with_options(threshold=0.3)
+    enc, cond = backend.encoder_calls, backend.condition_calls
+    labels = prediction_to_labels(low.predict([prompt], [q], 2)[0])
+    assert (low.encoder_calls, low.condition_calls, backend.encoder_calls) == (0, 0, enc) and cond > 0
+    assert torch.equal(half == 1, fg > 0.5)
+    assert torch.equal(labels == 1, fg > 0.3)
+    assert not torch.equal(labels, half)  # some pixels lie between 0.3 and 0.5
+    assert low.config()["options"]["threshold"] == 0.3
+    with pytest.raises(ConfigError):
+        backend.with_options(threshold=1.0)
+
+
+def test_tensor_lru_keeps_within_budget_and_most_recent():
+    from promptopt.backends.cache import TensorLRU
+
+    lru = TensorLRU(budget=3 * 400)  # three (10, 10) float32 tensors
+    for i in range(4):
+        lru.put(i, [torch.zeros(10, 10)])
+        if i == 1:
+            assert lru.get(0) is not None  # touch 0: now 1 is the least recently used
+    assert 1 not in lru and {0, 2, 3} == {k for k in range(4) if k in lru} and lru.nbytes == 1200
+    lru.put("big", torch.zeros(100, 100))
+    assert len(lru) == 1 and "big" in lru  # the newest entry stays even above the budget
+
+
 def test_memory_estimate_grows_with_prompts_and_output_size(backend):
     assert backend.memory_kind == "analytic estimate"
     assert backend.memory_bytes(8) > backend.memory_bytes(1)

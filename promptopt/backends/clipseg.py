@@ -63,7 +63,11 @@ Probabilities and several prompts (``combines = "output"``)
     the average is resized to the query (bilinear) and turned into class
     probabilities by :func:`~promptopt.backends.foreground.class_probabilities`
     (background = 1 − max over classes, normalised; binary: sigmoid > 0.5).
-    Text and image prompts may be mixed in one set; they average alike.
+    The option ``threshold`` moves that cut (a pixel is background unless its
+    best class probability exceeds it; the authors report results at 0.3 and
+    0.5); it acts after the cached statistics, and :meth:`CLIPSegBackend.with_options`
+    shares the caches between thresholds. Text and image prompts may be mixed
+    in one set; they average alike.
 
 Honest limits: no CLIPSeg weights can be downloaded here, so this backend is
 verified on tiny random-init models only (mechanics and parity with
@@ -74,7 +78,6 @@ analytic estimate, not a measurement.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from typing import Any, Sequence
 
 import torch
@@ -83,6 +86,7 @@ import torch.nn.functional as F
 from ..data import Sample
 from ..errors import CheckpointError, ConfigError
 from .base import Backend, Context, Prompt, Stats, TextPrompt, infer_num_classes, one_hot_mask
+from .cache import TensorLRU
 from .checkpoints import check_options, load_config, load_part, locate, resolve_dtype
 from .foreground import class_probabilities
 
@@ -176,11 +180,15 @@ class CLIPSegBackend(Backend):
     prompt_types = frozenset({"text", "image"})
 
     def __init__(self, model: Any = None, processor: Any = None, *, checkpoint: str | None = None,
-                 device: str | torch.device = "cpu", dtype: str = "float32", cache_bytes: int = 1 << 30) -> None:
+                 threshold: float = 0.5, device: str | torch.device = "cpu", dtype: str = "float32",
+                 cache_bytes: int = 1 << 30) -> None:
         if model is None or processor is None:
             raise ConfigError(
                 "the clipseg backend needs a checkpoint: pass --checkpoint DIR (or CLIPSegBackend.from_pretrained(DIR)), "
                 f"a local copy of {RELEASED_CHECKPOINT} with its processor (nothing is downloaded here)")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+            raise ConfigError(f"clipseg: threshold must be a number in (0, 1), got {threshold!r}")
+        self.threshold = float(threshold)
         self.device = torch.device(device)
         self.dtype_name, self.dtype = resolve_dtype(dtype, self.device, self.name)
         self.checkpoint = checkpoint
@@ -201,8 +209,8 @@ class CLIPSegBackend(Backend):
         self._mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=self.device)
         self._std = torch.tensor(ip.image_std, dtype=torch.float32, device=self.device)
         self.max_text_tokens = int(self.model.config.text_config.max_position_embeddings)
-        self._activations: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
-        self._activation_bytes = 0
+        #: per-image decoder inputs (bounded by ``cache_bytes``); condition vectors per phrase and per example
+        self._activations = TensorLRU(cache_bytes)
         self._texts: dict[str, torch.Tensor] = {}
         self._visual: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
         self._max_classes = 1
@@ -233,7 +241,19 @@ class CLIPSegBackend(Backend):
         return cls(model, processor, checkpoint=ref, device=device, dtype=dtype, **options)
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "checkpoint": self.checkpoint, "options": {"dtype": self.dtype_name}}
+        return {"name": self.name, "checkpoint": self.checkpoint,
+                "options": {"threshold": self.threshold, "dtype": self.dtype_name}}
+
+    def with_options(self, **changes: Any) -> "CLIPSegBackend":
+        """The same model with another ``threshold``, sharing this backend's caches (a threshold search
+        never re-encodes an image, phrase or example)."""
+        if set(changes) - {"threshold"}:
+            raise ConfigError(f"clipseg: with_options changes only the threshold, got {sorted(changes)}")
+        twin = type(self)(self.model, self.processor, checkpoint=self.checkpoint,
+                          threshold=changes.get("threshold", self.threshold), device=self.device,
+                          dtype=self.dtype_name, cache_bytes=self.cache_bytes)
+        twin._activations, twin._texts, twin._visual = self._activations, self._texts, self._visual
+        return twin
 
     # --- queries -----------------------------------------------------------------------------------
     def query_pixels(self, query: Sample) -> torch.Tensor:
@@ -245,7 +265,6 @@ class CLIPSegBackend(Backend):
         """The hidden states the decoder reads, (1, T, D) after each of ``config.extract_layers`` (cached per image)."""
         hit = self._activations.get(query.key)
         if hit is not None:
-            self._activations.move_to_end(query.key)
             return hit
         layers = list(self.model.extract_layers)
         with torch.no_grad():
@@ -253,11 +272,7 @@ class CLIPSegBackend(Backend):
                                                      output_hidden_states=[i + 1 for i in layers])
         acts = [out.hidden_states[i + 1] for i in layers]  # hidden_states[0] is the embedding output
         self.encoder_calls += 1
-        self._activations[query.key] = acts
-        self._activation_bytes += sum(a.numel() * a.element_size() for a in acts)
-        while self._activation_bytes > self.cache_bytes and len(self._activations) > 1:
-            _, old = self._activations.popitem(last=False)
-            self._activation_bytes -= sum(a.numel() * a.element_size() for a in old)
+        self._activations.put(query.key, acts)
         return acts
 
     def prepare(self, samples: Sequence[Sample]) -> None:
@@ -267,7 +282,6 @@ class CLIPSegBackend(Backend):
 
     def clear_cache(self) -> None:
         self._activations.clear()
-        self._activation_bytes = 0
         self._texts.clear()
         self._visual.clear()
 
@@ -366,7 +380,7 @@ class CLIPSegBackend(Backend):
 
     def finalize(self, stats: Stats, query: Sample) -> torch.Tensor:
         fg = stats["sum"] / stats["count"].clamp_min(1).view(-1, 1, 1)
-        return class_probabilities(fg, query.size)
+        return class_probabilities(fg, query.size, self.threshold)
 
     def predict(self, prompts: Sequence[Prompt], queries: Sequence[Sample], num_classes: int | None = None) -> list[torch.Tensor]:
         """Per query, (C, H, W) class probabilities at its resolution: the merge of the pairs' statistics."""

@@ -65,7 +65,6 @@ differentiable (boxes are thresholded), so context tuning does not apply.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -75,6 +74,7 @@ import torch
 from ..data import Sample
 from ..errors import CheckpointError, ConfigError
 from .base import Backend, Prompt, Stats, TextPrompt, infer_num_classes
+from .cache import TensorLRU
 from .checkpoints import check_options, load_config, load_part, locate, resolve_dtype
 from .foreground import class_probabilities
 
@@ -182,7 +182,10 @@ class GroundedSAMBackend(Backend):
         special = getattr(getattr(self.detector, "model", None), "special_tokens", None)
         self._separators = (special.to(self.device) if isinstance(special, torch.Tensor)
                             else torch.tensor(_SEPARATOR_IDS, device=self.device))
-        self._caches = _Caches()
+        #: SAM embeddings per image (bounded by ``cache_bytes``) and raw detections per (image, caption);
+        #: shared with the backends :meth:`with_options` makes
+        self._embeddings = TensorLRU(cache_bytes)
+        self._detections: dict[tuple[str, str], Detection] = {}
         self._max_classes = 1
         #: model runs (cache misses), for tests and benchmarks
         self.detector_calls = 0
@@ -266,15 +269,14 @@ class GroundedSAMBackend(Backend):
                           **{k: v for k, v in opts.items() if k != "device"})
         twin.detector_ref, twin.sam_ref = self.detector_ref, self.sam_ref
         if twin.device == self.device and twin.dtype == self.dtype:
-            twin._caches = self._caches
+            twin._embeddings, twin._detections = self._embeddings, self._detections
         return twin
 
     # --- SAM image embeddings ----------------------------------------------------------------------
     def embedding(self, image: Sample) -> tuple[torch.Tensor, tuple[int, int]]:
         """(SAM image embedding (1, D, h, w), reshaped input size) of an image, computed once per image key."""
-        hit = self._caches.embeddings.get(image.key)
+        hit = self._embeddings.get(image.key)
         if hit is not None:
-            self._caches.embeddings.move_to_end(image.key)
             return hit
         inputs = self.sam_processor(images=image.image, return_tensors="pt")
         pixels = inputs["pixel_values"].to(self.device, self.dtype)
@@ -282,7 +284,7 @@ class GroundedSAMBackend(Backend):
             emb = self.sam.get_image_embeddings(pixels)
         self.encoder_calls += 1
         entry = (emb, tuple(int(x) for x in inputs["reshaped_input_sizes"][0]))
-        self._caches.remember_embedding(image.key, entry, self.cache_bytes)
+        self._embeddings.put(image.key, entry)
         return entry  # type: ignore[return-value]
 
     def prepare(self, samples: Sequence[Sample]) -> None:
@@ -291,14 +293,15 @@ class GroundedSAMBackend(Backend):
             self.embedding(s)
 
     def clear_cache(self) -> None:
-        self._caches.clear()
+        self._embeddings.clear()
+        self._detections.clear()
 
     # --- detection ---------------------------------------------------------------------------------
     def detect(self, image: Sample, prompt: TextPrompt) -> Detection:
         """Grounding DINO's threshold-free output for the prompt's caption on an image (cached)."""
         text = caption(prompt.texts)
         key = (image.key, text)
-        hit = self._caches.detections.get(key)
+        hit = self._detections.get(key)
         if hit is not None:
             return hit
         inputs = self.detector_processor(images=image.image, text=text, return_tensors="pt")
@@ -323,7 +326,7 @@ class GroundedSAMBackend(Backend):
         cx, cy, bw, bh = out.pred_boxes[0].float().unbind(-1)
         boxes = torch.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1)
         det = Detection(scores=probs.max(1).values, class_scores=class_scores, boxes=boxes)
-        self._caches.detections[key] = det
+        self._detections[key] = det
         return det
 
     # --- masks -------------------------------------------------------------------------------------
@@ -437,27 +440,6 @@ class GroundedSAMBackend(Backend):
         stats = max(1, int(num_prompts)) * k * H * W * 4 + k * H * W * 4
         out = 4 * (k + 1) * H * W * 3
         return int(weights + max(detector, sam_enc) + embedding + masks + stats + out)
-
-
-class _Caches:
-    """SAM embeddings (LRU within a byte budget) and detections; shared by :meth:`GroundedSAMBackend.with_options`."""
-
-    def __init__(self) -> None:
-        self.embeddings: OrderedDict[str, tuple[torch.Tensor, tuple[int, int]]] = OrderedDict()
-        self.embedding_bytes = 0
-        self.detections: dict[tuple[str, str], Detection] = {}
-
-    def remember_embedding(self, key: str, entry: tuple[torch.Tensor, tuple[int, int]], budget: int) -> None:
-        self.embeddings[key] = entry
-        self.embedding_bytes += entry[0].numel() * entry[0].element_size()
-        while self.embedding_bytes > budget and len(self.embeddings) > 1:
-            _, (old, _) = self.embeddings.popitem(last=False)
-            self.embedding_bytes -= old.numel() * old.element_size()
-
-    def clear(self) -> None:
-        self.embeddings.clear()
-        self.embedding_bytes = 0
-        self.detections.clear()
 
 
 def box_indicator(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -229,6 +229,8 @@ def test_thresholds_reuse_cached_detections_and_embeddings(root):
     assert (twin.detector_calls, twin.encoder_calls) == (0, 0)
     be.predict([TextPrompt("grass")], [q], 2)
     assert (be.detector_calls, be.encoder_calls) == (2, 1)  # a new caption runs the detector, not SAM's encoder
+    with pytest.raises(ConfigError):
+        be.with_options(dtype="bfloat16")  # would convert the shared models in place
 
 
 def test_text_prompts_scored_by_the_oracle_with_pair_cache(root):

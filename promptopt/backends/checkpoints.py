@@ -38,10 +38,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, backend: str) 
     return _DTYPE_NAMES[t], t
 
 
-def check_options(cls: Any, options: dict[str, Any], backend: str) -> None:
-    """ConfigError naming any option the backend's constructor does not take (instead of a TypeError)."""
+def check_options(cls: Any, options: dict[str, Any], backend: str, reserved: tuple[str, ...] = ()) -> None:
+    """ConfigError naming any option the backend's constructor does not take (instead of a TypeError).
+
+    ``reserved`` names constructor arguments that ``from_pretrained`` fills itself (models, processors).
+    """
     params = inspect.signature(cls.__init__).parameters
-    known = {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"self"}
+    known = {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    known -= {"self", *reserved}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(f"{backend} backend: unknown option(s) {unknown}; it takes {sorted(known)}")

@@ -231,7 +231,8 @@ class CLIPSegBackend(Backend):
         """
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-        check_options(cls, {**options, "device": device, "dtype": dtype}, cls.name)
+        check_options(cls, {**options, "device": device, "dtype": dtype}, cls.name,
+                      reserved=("model", "processor", "checkpoint"))
         what = "clipseg checkpoint"
         source, ref = locate(name_or_local_dir, what, RELEASED_CHECKPOINT)
         load_config(source, what, "clipseg", RELEASED_CHECKPOINT)

@@ -24,8 +24,9 @@ The pipeline for one (text prompt, image) pair, following
    and that probability must exceed ``text_threshold`` — a box whose phrase
    tokens are all below it has no phrase and is dropped (the demo would still
    draw it, unlabelled; a semantic map cannot). Boxes are converted from
-   normalised (cx, cy, w, h) to pixels as the demo does. The cache holds the
-   raw probabilities, so changing thresholds never re-runs the detector.
+   normalised (cx, cy, w, h) to pixels as the demo does. The defaults
+   ``box_threshold=0.3``, ``text_threshold=0.25`` are the demo's. The cache
+   holds the raw probabilities, so changing thresholds never re-runs the detector.
 3. Masks (:meth:`GroundedSAMBackend.box_masks`): SAM's image embedding is
    computed once per image and cached (segment-anything's ``set_image``); each
    box, rescaled into SAM's resized-input frame, is one box prompt with
@@ -226,7 +227,8 @@ class GroundedSAMBackend(Backend):
     def from_pretrained(cls, name_or_local_dir: str | os.PathLike | None = None, *, detector: Any = None,
                         sam: Any = None, **options: Any) -> "GroundedSAMBackend":
         """Load both parts: ``DIR/detector`` and ``DIR/sam``, or ``detector=`` / ``sam=`` (which override ``DIR``'s)."""
-        check_options(cls, options, cls.name)
+        check_options(cls, options, cls.name,
+                      reserved=("detector", "sam", "detector_processor", "sam_processor", "checkpoint"))
         ref = None
         if name_or_local_dir is not None:
             root = Path(name_or_local_dir).expanduser()
@@ -254,22 +256,21 @@ class GroundedSAMBackend(Backend):
         return {"name": self.name, "checkpoint": self.checkpoint, "options": opts}
 
     def with_options(self, **changes: Any) -> "GroundedSAMBackend":
-        """The same models with other options (thresholds, clipping), sharing this backend's caches.
+        """The same models with other thresholds / clipping / box batch, sharing this backend's caches.
 
-        SAM embeddings and detections do not depend on the options, so a
-        threshold search pays for each image and caption once.
+        SAM embeddings and detections do not depend on these options, so a
+        threshold search pays for each image and caption once. Device and
+        dtype cannot change here: that would move models this backend holds.
         """
-        unknown = set(changes) - set(self.options()) - {"device"}
-        if unknown:
-            raise ConfigError(f"grounded-sam: unknown option(s) {sorted(unknown)}; options: {sorted(self.options())}")
+        allowed = {"box_threshold", "text_threshold", "clip_to_boxes", "box_batch"}
+        if set(changes) - allowed:
+            raise ConfigError(f"grounded-sam: with_options changes only {sorted(allowed)}, got {sorted(changes)}")
         opts = {**self.options(), **changes}
         twin = type(self)(self.detector, self.sam, detector_processor=self.detector_processor,
-                          sam_processor=self.sam_processor, checkpoint=self.checkpoint,
-                          device=changes.get("device", self.device), cache_bytes=self.cache_bytes,
-                          **{k: v for k, v in opts.items() if k != "device"})
+                          sam_processor=self.sam_processor, checkpoint=self.checkpoint, device=self.device,
+                          cache_bytes=self.cache_bytes, **opts)
         twin.detector_ref, twin.sam_ref = self.detector_ref, self.sam_ref
-        if twin.device == self.device and twin.dtype == self.dtype:
-            twin._embeddings, twin._detections = self._embeddings, self._detections
+        twin._embeddings, twin._detections = self._embeddings, self._detections
         return twin
 
     # --- SAM image embeddings ----------------------------------------------------------------------

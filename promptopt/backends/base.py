@@ -27,11 +27,21 @@ How several prompts combine is declared by ``combines``:
 Everything is torch tensors, so a backend can be differentiable with respect
 to the prompt image and mask (context tuning uses :class:`Context` prompts
 whose tensors require grad).
+
+Prompt kinds
+    An *image* prompt is a labelled :class:`~promptopt.data.Sample` or a
+    :class:`Context`; a *text* prompt is a :class:`TextPrompt` (one phrase per
+    foreground class). A backend declares the kinds it takes in
+    ``prompt_types``; every subclass's ``predict`` and ``pair_stats`` first run
+    :func:`check_prompts`, so a text prompt given to an image-only backend (or
+    the reverse) fails with one line naming both, whichever backend it is.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence, Union
@@ -72,7 +82,44 @@ class Context:
         return cls(image=image, mask=one_hot_mask(sample.mask, num_classes, device), key=sample.key)
 
 
-Prompt = Union[Sample, Context]
+@dataclass(frozen=True)
+class TextPrompt:
+    """A text prompt: one phrase per foreground class (``texts[c-1]`` names class c).
+
+    A single string is one phrase (a binary task). Phrases are checked when the
+    prompt is made: an empty or whitespace-only phrase is a :class:`ConfigError`.
+    """
+
+    texts: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        texts = (self.texts,) if isinstance(self.texts, str) else tuple(self.texts)
+        if not texts:
+            raise ConfigError("a text prompt needs at least one phrase (one per foreground class)")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise ConfigError(f"text prompt phrase {i + 1} is {type(t).__name__} {t!r}, not a string")
+            if not t.strip():
+                raise ConfigError(f"text prompt phrase {i + 1} of {list(texts)!r} is empty or whitespace; "
+                                  "give each foreground class a word or phrase")
+        object.__setattr__(self, "texts", texts)
+
+    @property
+    def key(self) -> str:
+        """Stable identity for caches: ``text:`` + the JSON list of phrases.
+
+        "/" is written as its JSON escape so that the key has no "/": callers
+        show ``key.split("/")[-1]`` as a prompt's short id.
+        """
+        return "text:" + json.dumps(list(self.texts), ensure_ascii=False).replace("/", "\\u002f")
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the prompt names, background included."""
+        return len(self.texts) + 1
+
+
+Prompt = Union[Sample, Context, TextPrompt]
 
 
 def one_hot_mask(mask: np.ndarray | torch.Tensor, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -88,11 +135,28 @@ def prompt_key(prompt: Prompt) -> str | None:
     return prompt.key
 
 
+def prompt_kind(prompt: Prompt) -> str:
+    """"text" for a :class:`TextPrompt`, "image" for a labelled sample or a :class:`Context`."""
+    return "text" if isinstance(prompt, TextPrompt) else "image"
+
+
+def check_prompts(backend: "Backend", prompts: Sequence[Prompt]) -> None:
+    """Raise a one-line :class:`ConfigError` if a prompt is of a kind ``backend`` does not take."""
+    accepted = backend.prompt_types
+    for p in prompts:
+        kind = prompt_kind(p)
+        if kind not in accepted:
+            what = " or ".join(sorted(accepted))
+            shown = p.key if p.key is not None else "a context tensor"
+            raise ConfigError(f"backend {backend.name!r} takes {what} prompts, not {kind} prompts "
+                              f"(got {shown}); choose a backend that takes {kind} prompts")
+
+
 def infer_num_classes(prompts: Sequence[Prompt]) -> int:
-    """Classes implied by a prompt set: the largest label seen + 1, at least 2."""
+    """Classes implied by a prompt set: the largest label seen + 1 (phrases + 1 for text), at least 2."""
     top = 1
     for p in prompts:
-        if isinstance(p, Context):
+        if isinstance(p, (Context, TextPrompt)):
             top = max(top, p.num_classes - 1)
         else:
             m = p.mask
@@ -119,6 +183,17 @@ class Backend(ABC):
         """The torch modules holding the backend's weights (frozen during context tuning); none by default."""
         return []
 
+    #: prompt kinds this backend takes: "image" (samples, contexts) and/or "text" (:class:`TextPrompt`)
+    prompt_types: ClassVar[frozenset[str]] = frozenset({"image"})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # every backend's entry points check the prompt kinds first (see "Prompt kinds" in the module docstring)
+        super().__init_subclass__(**kwargs)
+        for attr in ("predict", "pair_stats"):
+            fn = cls.__dict__.get(attr)
+            if fn is not None and not getattr(fn, "_checks_prompts", False):
+                setattr(cls, attr, _checking_prompts(fn, attr == "pair_stats"))
+
     @abstractmethod
     def prepare(self, samples: Sequence[Sample]) -> None:
         """Compute and cache per-image state for these samples (idempotent)."""
@@ -142,6 +217,8 @@ class Backend(ABC):
 
     def to_context(self, prompt: Prompt, num_classes: int) -> Context:
         """The prompt as tensors on this backend's device (the starting point of context tuning)."""
+        if isinstance(prompt, TextPrompt):
+            raise ConfigError(f"context tuning learns an image prompt; {prompt.key} is a text prompt")
         if isinstance(prompt, Context):
             return prompt
         return Context.from_sample(prompt, num_classes, self.device)
@@ -226,10 +303,26 @@ class Backend(ABC):
         return [self.finalize(self.reduce_stats([self.pair_stats(p, q, k) for p in prompts]), q) for q in queries]
 
 
+def _checking_prompts(fn: Callable[..., Any], single: bool) -> Callable[..., Any]:
+    """``fn`` (a backend's ``predict`` or ``pair_stats``) preceded by :func:`check_prompts` on its prompt argument."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Backend, *args: Any, **kwargs: Any) -> Any:
+        given = args[0] if args else kwargs.get("prompt" if single else "prompts")
+        if given is not None:
+            check_prompts(self, [given] if single else given)
+        return fn(self, *args, **kwargs)
+
+    wrapper._checks_prompts = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 _REGISTRY: dict[str, str | Callable[..., Backend]] = {
     "features": "promptopt.backends.features:FeaturesBackend",
     "seggpt": "promptopt.backends.seggpt:SegGPTBackend",
     "persam": "promptopt.backends.persam:PerSAMBackend",
+    "clipseg": "promptopt.backends.clipseg:CLIPSegBackend",
+    "grounded-sam": "promptopt.backends.grounded_sam:GroundedSAMBackend",
 }
 
 

@@ -401,3 +401,50 @@ def test_cli_select_then_predict_with_persam_f(sam_dir, sample_root, tmp_path):
     assert r.exit_code == 0, r.output
     m = np.asarray(Image.open(tmp_path / "m" / f"{src.stem}.png"))
     assert m.shape == Image.open(src).size[::-1] and set(np.unique(m)) <= {0, 255}
+
+
+def _background_only(rng: np.random.Generator, i: int) -> Sample:
+    """A query without the object: the blobs' noisy background alone, empty mask."""
+    img = rng.normal(40, 10, (48, 80, 3)).clip(0, 255).astype(np.uint8)
+    return Sample(f"bg{i}", "blob", image=img, mask=np.zeros((48, 80), np.int64))
+
+
+@pytest.mark.parametrize("reference", ["official", "transformers"])
+def test_min_similarity_gives_absent_objects_an_empty_mask(sam_dir, blobs, reference):
+    """Personalize-SAM issue #13: below the location prior's peak threshold the query gets an empty mask;
+    queries above it, and a threshold that nothing falls below, give the output without the option."""
+    rng = np.random.default_rng(5)
+    absent = [_background_only(rng, i) for i in range(2)]
+    ref, present = blobs[0], blobs[1:4]
+    plain = PerSAMBackend.from_pretrained(sam_dir, reference=reference)
+    target = plain.targets(ref, 2)[1]
+
+    def peak(q):
+        st = plain.image_state(q)
+        return plain.segment(st, location_confidence(target.location, st.embedding[0]), target).peak
+
+    lo, hi = max(peak(q) for q in absent), min(peak(q) for q in present)
+    assert lo < hi  # on these images the object's features resemble the reference's more than background does
+    gated = PerSAMBackend.from_pretrained(sam_dir, reference=reference, min_similarity=(lo + hi) / 2)
+    for q in absent:
+        st = gated.pair_stats(ref, q, 2)
+        assert st["count"].tolist() == [1.0] and float(st["sum"].abs().max()) == 0
+        assert int(gated.predict([ref], [q], 2)[0].argmax(0).max()) == 0  # all background
+    base = plain.predict([ref], present + absent, 2)
+    for a, b in zip(gated.predict([ref], present, 2), base):
+        assert torch.equal(a, b)
+    assert any(int(p.argmax(0).max()) == 1 for p in base[len(present):])  # without the option: false positives
+    everything = PerSAMBackend.from_pretrained(sam_dir, reference=reference, min_similarity=-1.0)
+    assert all(torch.equal(a, b) for a, b in zip(everything.predict([ref], present + absent, 2), base))
+
+
+def test_min_score_thresholds_sams_predicted_iou(sam_dir, blobs):
+    ref, q = blobs[0], blobs[1]
+    plain = PerSAMBackend.from_pretrained(sam_dir)
+    st, target = plain.image_state(q), plain.targets(ref, 2)[1]
+    score = plain.segment(st, location_confidence(target.location, st.embedding[0]), target).score
+    above = PerSAMBackend.from_pretrained(sam_dir, min_score=score + 1e-3)
+    assert float(above.pair_stats(ref, q, 2)["sum"].abs().max()) == 0
+    below = PerSAMBackend.from_pretrained(sam_dir, min_score=score - 1e-3)
+    assert torch.equal(below.pair_stats(ref, q, 2)["sum"], plain.pair_stats(ref, q, 2)["sum"])
+    assert below.config()["options"]["min_score"] == pytest.approx(score - 1e-3)  # an ordinary, saved option

@@ -382,7 +382,17 @@ def _load_processor(source: str, image_size: int, pil: bool = False):
 
 
 class PerSAMBackend(Backend):
-    """PerSAM / PerSAM-F over transformers' SamModel (see the module docstring)."""
+    """PerSAM / PerSAM-F over transformers' SamModel (see the module docstring).
+
+    Options (all saved in :meth:`config`): ``reference`` ("official" /
+    "transformers"), ``variant`` ("persam" / "persam-f"), ``kshot``
+    ("output" / "mean" / "max"), ``refine`` (cascaded refinement),
+    ``instances`` and ``instance_threshold`` (several instances),
+    ``min_similarity`` and ``min_score`` (absent object → empty mask; None =
+    off), ``train_steps`` and ``lr`` (PerSAM-F), ``min_cover`` (None: the
+    reference's rule for the target's feature cells; a number: area cover),
+    ``dtype``. ``device`` and ``cache_bytes`` are runtime settings.
+    """
 
     name = "persam"
 

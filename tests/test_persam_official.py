@@ -213,10 +213,16 @@ def test_official_and_transformers_targets_use_their_own_cell_rules(sam_dir):
     mask[48:56, 8:16] = 1
     mask[51:53, 11:13] = 0
     ref = Sample("r", "cells", image=img, mask=mask)
+    speck = np.zeros((64, 64), np.int64)
+    speck[:2, :2] = 1  # reaches no sampling point: the official code would average no cell (NaN)
+    tiny = Sample("t", "cells", image=img, mask=speck)
     for reference, cell in (("official", (2, 5)), ("transformers", (6, 1))):
         be = PerSAMBackend.from_pretrained(sam_dir, reference=reference)
         feats = be.image_state(ref).embedding[0].float()
         assert torch.allclose(be.targets(ref, 2)[1].semantic, feats[:, cell[0], cell[1]], atol=1e-6)
+        assert torch.allclose(be.targets(tiny, 2)[1].semantic, feats[:, 0, 0], atol=1e-6)  # fallback: touched cells
+    area = PerSAMBackend.from_pretrained(sam_dir, min_cover=0.9)  # a number: the area rule, also in official mode
+    assert torch.allclose(area.targets(ref, 2)[1].semantic, feats[:, 6, 1], atol=1e-6)
 
 
 class _Spy:
@@ -241,7 +247,8 @@ def _official_dense(sim: torch.Tensor, reshaped, original) -> torch.Tensor:
 
 def _postprocess(logits: torch.Tensor, reshaped, original) -> torch.Tensor:
     x = F.interpolate(logits[None, None], size=(64, 64), mode="bilinear", align_corners=False)
-    return F.interpolate(x[..., : reshaped[0], : reshaped[1]], size=original, mode="bilinear", align_corners=False)[0, 0]
+    x = x[..., : reshaped[0], : reshaped[1]]
+    return F.interpolate(x, size=original, mode="bilinear", align_corners=False)[0, 0]
 
 
 def _to_original(xy, reshaped, original):
@@ -318,7 +325,8 @@ def test_persam_f_training_and_test_points_and_training_resolution(sam_dir, blob
             dense = _official_dense(sim, st.reshaped, st.original)
             x, y = _to_original(call["points"][0], st.reshaped, st.original)
         else:
-            dense = F.interpolate(sim[None, None], size=(64, 64), mode="bilinear")[0, 0, : st.reshaped[0], : st.reshaped[1]]
+            dense = F.interpolate(sim[None, None], size=(64, 64), mode="bilinear")[0, 0]
+            dense = dense[: st.reshaped[0], : st.reshaped[1]]
             x, y = (round(v) for v in call["points"][0])
         assert call["labels"] == [1] and float(dense[y, x]) == pytest.approx(float(dense.max()), abs=1e-6)
 

@@ -556,7 +556,8 @@ class PerSAMBackend(Backend):
         for name, value in tensors.items():
             key, _, cls = name[len(WEIGHTS_PREFIX):].rpartition("#")
             if not name.startswith(WEIGHTS_PREFIX) or not key or not cls.isdigit():
-                raise ConfigError(f"persam: learned tensor {name!r} is not named {WEIGHTS_PREFIX}<reference key>#<class>")
+                raise ConfigError(f"persam: learned tensor {name!r} is not named "
+                                  f"{WEIGHTS_PREFIX}<reference key>#<class>")
             w = torch.as_tensor(value).detach().float().cpu()
             if w.shape != (3,) or not bool(torch.isfinite(w).all()):
                 raise ConfigError(f"persam: learned tensor {name!r} must hold 3 finite mixing weights, "
@@ -616,10 +617,12 @@ class PerSAMBackend(Backend):
     def _target_cells(self, mask: torch.Tensor, st: ImageState) -> torch.Tensor:
         """(h, w) boolean feature cells of one class's (H, W) mask (see step 1 of the module docstring)."""
         grid = (self.grid, self.grid)
-        area = mask_to_grid(mask, st.reshaped, self.input_size, grid)
         if self.official and self.min_cover is None:
             inside = official.reference_cells(mask, st.reshaped, self.input_size, grid, *self._mask_norm)
-            return inside if bool(inside.any()) else area > 0
+            if bool(inside.any()):
+                return inside
+            return mask_to_grid(mask, st.reshaped, self.input_size, grid) > 0  # no rule there: touched cells
+        area = mask_to_grid(mask, st.reshaped, self.input_size, grid)
         return covered_cells(area, 0.5 if self.min_cover is None else self.min_cover)
 
     def targets(self, prompt: Prompt, num_classes: int) -> dict[int, Target]:
@@ -749,8 +752,8 @@ class PerSAMBackend(Backend):
         emb = st.embedding
         if weights is None:  # PerSAM: location prior + target-guided attention + target-semantic prompting
             pts, lab = [pos, neg], [1, 0]
-            logits, scores = self.decode(emb, pts, lab, multimask=False, attention_similarity=self._attention(sim, dense, st),
-                                         target=target.semantic)
+            logits, scores = self.decode(emb, pts, lab, multimask=False, target=target.semantic,
+                                         attention_similarity=self._attention(sim, dense, st))
             best, score = logits[0], float(scores[0])
             if not self.refine:
                 return Segmentation(best, peak, score)

@@ -73,7 +73,10 @@ on every query, comes from the location target ``(mean + max) / 2`` of the
 reference's cells; training uses SAM's logits post-processed to the
 reference's full resolution against its full-resolution mask. transformers
 mode: the mean target for both points, trained on SAM's 256×256 low-res grid.
-No negative point, no target-guided attention in PerSAM-F.
+No negative point, no target-guided attention in PerSAM-F. Full resolution
+costs time where there is no GPU: 1000 steps on a 480×854 reference take
+≈ 33 s on one CPU thread against ≈ 0.6 s on the low-res grid
+(``benchmarks/bench_persam.py``, tiny SAM); each reference trains once.
 
 The learned weights are state, not configuration: :meth:`PerSAMBackend.config`
 never holds them; :meth:`PerSAMBackend.learned_state` returns them as tensors

@@ -1,10 +1,12 @@
 """Latency and memory of the PerSAM backend (random-init SAM: the architecture's cost, not its accuracy).
 
-CUDA (when available): full-size ViT-B and ViT-H, fp32 and bf16 — image-encoder latency per image,
-PerSAM latency per (reference, query) pair given cached embeddings (the decoder cascade: 3 decoder
-runs), peak CUDA memory of each, and the analytic ``memory_bytes`` next to it.
-CPU (always): a tiny config end to end (encoder per image, PerSAM and PerSAM-F per pair, PerSAM-F
-training per reference), then one full-size ViT-B encoder pass and ViT-B's decoder cascade per pair.
+CUDA (when available): full-size ViT-B and ViT-H, fp32 and bf16, both ``reference`` modes —
+image-encoder latency per image, PerSAM latency per (reference, query) pair given cached embeddings
+(the decoder cascade: 3 decoder runs), peak CUDA memory of each, and the analytic ``memory_bytes``
+next to it.
+CPU (always): a tiny config end to end in both modes (encoder per image, PerSAM and PerSAM-F per
+pair, PerSAM-F training per reference: official trains on full-resolution 480x854 logits), then one
+full-size ViT-B encoder pass and ViT-B's decoder cascade per pair.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_persam.py [--skip-vit-b] [--json out.json]
 """
@@ -71,8 +73,9 @@ def timed(fn, repeats: int, sync=lambda: None) -> float:
 
 
 def bench_backend(model, device: str, dtype: str, n_images: int, repeats: int, variant: str = "persam",
-                  train_steps: int = 0) -> dict:
-    be = PerSAMBackend(model=model, device=device, dtype=dtype, variant=variant, train_steps=train_steps)
+                  train_steps: int = 0, reference: str = "official") -> dict:
+    be = PerSAMBackend(model=model, device=device, dtype=dtype, variant=variant, train_steps=train_steps,
+                       reference=reference)
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     imgs = samples(n_images)
@@ -96,7 +99,7 @@ def bench_backend(model, device: str, dtype: str, n_images: int, repeats: int, v
     pair = timed(lambda: be.pair_stats(ref, query, 2), repeats, sync)
     dec_peak = torch.cuda.max_memory_allocated() if cuda else None
     return {
-        "device": device, "dtype": dtype, "variant": variant, "encoder_s_per_image": enc,
+        "device": device, "dtype": dtype, "variant": variant, "reference": reference, "encoder_s_per_image": enc,
         "pair_s": pair, "decoder_runs_per_pair": (be.decoder_calls - calls0) / (repeats + 1),
         "train_s_per_reference": train_s, "train_steps": train_steps if variant == "persam-f" else None,
         "peak_encoder_bytes": enc_peak, "peak_pair_bytes": dec_peak,
@@ -127,16 +130,19 @@ def main() -> None:
     if torch.cuda.is_available():
         for kind in ("vit-b", "vit-h"):
             for dtype in ("float32", "bfloat16"):
-                row = {"model": kind, **bench_backend(sam_model(kind), "cuda", dtype, n_images=8, repeats=20)}
-                rows.append(row)
-                print(json.dumps(row))
-                torch.cuda.empty_cache()
-    # CPU: tiny config end to end
-    for variant, steps in (("persam", 0), ("persam-f", 1000)):
-        row = {"model": "tiny", **bench_backend(sam_model("tiny"), "cpu", "float32", n_images=4, repeats=10,
-                                                variant=variant, train_steps=steps)}
-        rows.append(row)
-        print(json.dumps(row))
+                for reference in ("official", "transformers"):
+                    row = {"model": kind, **bench_backend(sam_model(kind), "cuda", dtype, n_images=8, repeats=20,
+                                                          reference=reference)}
+                    rows.append(row)
+                    print(json.dumps(row))
+                    torch.cuda.empty_cache()
+    # CPU: tiny config end to end, both references (official: full-resolution geometry and PerSAM-F training)
+    for reference in ("official", "transformers"):
+        for variant, steps in (("persam", 0), ("persam-f", 1000)):
+            row = {"model": "tiny", **bench_backend(sam_model("tiny"), "cpu", "float32", n_images=4, repeats=10,
+                                                    variant=variant, train_steps=steps, reference=reference)}
+            rows.append(row)
+            print(json.dumps(row))
     if not args.skip_vit_b:
         model = sam_model("vit-b")
         enc = encoder_once(model)
@@ -154,16 +160,16 @@ def main() -> None:
                "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         rows.append(row)
         print(json.dumps(row))
-    print("\n| model | device | dtype | variant | encoder s/image | PerSAM s/pair | peak enc / pair | estimate k=1 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| model | device | dtype | reference | variant | encoder s/image | PerSAM s/pair | peak enc / pair | estimate k=1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         enc = r.get("encoder_s_per_image", r.get("encoder_s_single_pass"))
         peaks = f"{format_bytes(r.get('peak_encoder_bytes'))} / {format_bytes(r.get('peak_pair_bytes'))}" \
             if r.get("peak_encoder_bytes") else "-"
-        print(f"| {r['model']} | {r['device']} | {r['dtype']} | {r.get('variant', 'persam')} | {enc:.4f} | "
+        print(f"| {r['model']} | {r['device']} | {r['dtype']} | {r.get('reference', 'official')} | {r.get('variant', 'persam')} | {enc:.4f} | "
               f"{r['pair_s']:.4f} | {peaks} | {format_bytes(r['memory_bytes_estimate_k1'])} |")
         if r.get("train_s_per_reference") is not None:
-            print(f"|  | | | PerSAM-F training, {r['train_steps']} steps: {r['train_s_per_reference']:.2f} s/reference | | | | |")
+            print(f"|  | | | | PerSAM-F training, {r['train_steps']} steps: {r['train_s_per_reference']:.2f} s/reference | | | | |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=2)

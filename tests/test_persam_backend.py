@@ -43,19 +43,30 @@ def tiny_sam_config(image_size: int = 64):
     )
 
 
-@pytest.fixture(scope="module")
-def sam_dir(tmp_path_factory):
+def tiny_sam_model(seed: int = 0):
+    """A tiny random SamModel whose outputs vary: encoder weights spread (random init leaves SAM's vision
+    weights near zero), decoder and prompt-encoder weights at ~2/sqrt(fan-in) (at the default init every
+    mask logit is ~0, so no test could see a decoder change)."""
     from transformers import SamModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = SamModel(tiny_sam_config())
-    # random init leaves SAM's vision weights near zero; give them some spread so features vary
     with torch.no_grad():
         for p in model.vision_encoder.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.2)
+        for name, p in [*model.mask_decoder.named_parameters(), *model.prompt_encoder.named_parameters()]:
+            if p.dim() > 1:
+                p.normal_(0, 2.0 / p[0].numel() ** 0.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def sam_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_sam")
-    model.save_pretrained(d)
+    tiny_sam_model().save_pretrained(d)
     return d
 
 
@@ -138,8 +149,10 @@ def test_fit_mask_weights_lowers_loss():
 
 # --- the backend on a tiny SAM --------------------------------------------------------------------------
 
-def test_decoder_call_equals_direct_sam_call(sam_dir, blobs):
-    be = PerSAMBackend.from_pretrained(sam_dir)
+@pytest.mark.parametrize("reference", ["transformers", "official"])
+def test_decoder_call_equals_direct_sam_call_except_official_persam_inputs(sam_dir, blobs, reference):
+    """decode() is SamModel's forward; official mode differs from it exactly when PerSAM's inputs are given."""
+    be = PerSAMBackend.from_pretrained(sam_dir, reference=reference)
     st = be.image_state(blobs[0])
     emb = st.embedding
     from transformers import SamModel
@@ -151,25 +164,39 @@ def test_decoder_call_equals_direct_sam_call(sam_dir, blobs):
     sim = torch.rand(1, 1, 1, 64)
     tgt = torch.randn(32)
     cases = [
-        dict(kw={}, direct={}),
-        dict(kw={"box": box}, direct={"input_boxes": torch.tensor([[box]])}),
+        dict(kw={}, direct={}, persam=False),
+        dict(kw={"box": box}, direct={"input_boxes": torch.tensor([[box]])}, persam=False),
         dict(kw={"box": box, "mask_input": mask_in}, direct={"input_boxes": torch.tensor([[box]]),
-                                                             "input_masks": mask_in[None, None]}),
+                                                             "input_masks": mask_in[None, None]}, persam=False),
         dict(kw={"attention_similarity": sim, "target": tgt},
-             direct={"attention_similarity": sim, "target_embedding": tgt.view(1, 1, -1)}),
+             direct={"attention_similarity": sim, "target_embedding": tgt.view(1, 1, -1)}, persam=True),
     ]
     for case in cases:
         logits, scores = be.decode(emb, pts, lab, multimask=True, **case["kw"])
         with torch.no_grad():
             ref = sam(image_embeddings=emb, input_points=torch.tensor([[pts]]), input_labels=torch.tensor([[lab]]),
                       multimask_output=True, **case["direct"])
-        assert torch.equal(logits, ref.pred_masks[0, 0]) and torch.equal(scores, ref.iou_scores[0, 0])
-    # the encoder path equals get_image_embeddings on the processor's pixels
+        if reference == "official" and case["persam"]:
+            assert float((logits - ref.pred_masks[0, 0]).abs().max()) > 1e-2
+        else:
+            assert torch.allclose(logits, ref.pred_masks[0, 0], atol=1e-5)
+            assert torch.allclose(scores, ref.iou_scores[0, 0], atol=1e-6)
+    # the encoder path equals get_image_embeddings on the processor's pixels: transformers' (torchvision) resize,
+    # or, official, the PIL bilinear resize of the uint8 image, normalised, zero-padded (Personalize-SAM's predictor)
+    from PIL import Image
     from transformers import SamImageProcessor
 
-    px = SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})(
-        images=blobs[0].image, return_tensors="pt")["pixel_values"]
-    assert torch.allclose(emb, sam.get_image_embeddings(px), atol=1e-6)
+    img = blobs[0].image
+    if reference == "transformers":
+        px = SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})(
+            images=img, return_tensors="pt")["pixel_values"]
+    else:
+        hr, wr = st.reshaped
+        assert (hr, wr) == (64, int(img.shape[1] * 64 / img.shape[0] + 0.5))
+        resized = np.asarray(Image.fromarray(img).resize((wr, hr), Image.Resampling.BILINEAR), np.float32)
+        norm = (resized - np.array([123.675, 116.28, 103.53])) / np.array([58.395, 57.12, 57.375])
+        px = torch.nn.functional.pad(torch.from_numpy(norm).float().permute(2, 0, 1), (0, 64 - wr, 0, 64 - hr))[None]
+    assert torch.allclose(emb, sam.get_image_embeddings(px), atol=1e-5)
 
 
 def test_predict_shapes_and_embeddings_computed_once(sam_dir, blobs):
@@ -220,7 +247,7 @@ def test_multi_instance_runs_extra_segmentations(sam_dir, blobs):
     assert bool((p3 >= p1 - 1e-6).all())  # instances are merged by a per-pixel max
 
 
-def test_persam_f_trains_weights_sam_frozen_and_roundtrips(sam_dir, blobs, tmp_path):
+def test_persam_f_trains_weights_sam_frozen(sam_dir, blobs):
     be = PerSAMBackend.from_pretrained(sam_dir, variant="persam-f", train_steps=60, lr=1e-2)
     before = {k: v.clone() for k, v in be.model.state_dict().items()}
     weights, losses = be.train_reference(blobs[0])
@@ -232,23 +259,64 @@ def test_persam_f_trains_weights_sam_frozen_and_roundtrips(sam_dir, blobs, tmp_p
     assert all(torch.equal(before[k], after[k]) for k in before)  # SAM's parameters bit-identical
     assert all(not p.requires_grad for p in be.model.parameters())
     assert set(be.mask_weights) == {"blob/s0#1", "blob/s1#1"} and be.trainings == 3
-    # learned weights travel in the config (what prompt.json stores) and are reused, not retrained
+
+
+def test_persam_f_learned_state_is_state_not_config(sam_dir, blobs, tmp_path):
+    """config() never holds or grows with learned weights; learned_state → safetensors → load_learned_state
+    predicts identically without retraining, and only the asked-for references travel."""
+    from safetensors.torch import load_file, save_file
+
+    be = PerSAMBackend.from_pretrained(sam_dir, variant="persam-f", train_steps=30, lr=1e-2)
     cfg = json.loads(json.dumps(be.config()))
+    out = be.predict(blobs[:2], blobs[2:4], 2)
+    assert be.trainings == 2 and be.config() == cfg and "mask_weights" not in json.dumps(cfg)
+    one = be.learned_state(["blob/s1"])
+    assert list(one) == ["mask_weights/blob/s1#1"] and one["mask_weights/blob/s1#1"].shape == (3,)
+    assert be.learned_state(["blob/s5"]) == {}  # never used as a reference: nothing learned
+    save_file(be.learned_state(["blob/s0", "blob/s1"]), tmp_path / "learned.safetensors")
     again = backend_from_config(cfg)
-    assert again.mask_weights == be.mask_weights and again.config() == cfg
+    again.load_learned_state(load_file(tmp_path / "learned.safetensors"))
     out2 = again.predict(blobs[:2], blobs[2:4], 2)
-    assert again.trainings == 0
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out, out2))
-    fresh = PerSAMBackend.from_pretrained(sam_dir, variant="persam-f", train_steps=60, lr=1e-2)
-    fresh.load_state(be.state_dict())
-    assert fresh.mask_weights == be.mask_weights
+    assert again.trainings == 0 and again.config() == cfg
+    assert all(torch.equal(a, b) for a, b in zip(out, out2))
+    part = backend_from_config(cfg)
+    part.load_learned_state(one)
+    part.predict(blobs[:2], blobs[2:3], 2)
+    assert part.trainings == 1  # s1 came from the state, s0 was trained
+    assert torch.equal(part.learned_state(["blob/s0"])["mask_weights/blob/s0#1"],
+                       be.learned_state(["blob/s0"])["mask_weights/blob/s0#1"])  # training is deterministic
+
+
+def test_learned_state_errors_and_backends_without_state(sam_dir):
+    from promptopt.backends.features import FeaturesBackend
+
+    f = PerSAMBackend.from_pretrained(sam_dir, variant="persam-f")
+    with pytest.raises(ConfigError, match="'blob/s0#1' is not named mask_weights/"):
+        f.load_learned_state({"blob/s0#1": torch.ones(3) / 3})
+    with pytest.raises(ConfigError, match="must hold 3 finite mixing weights, got shape \\(2,\\)"):
+        f.load_learned_state({"mask_weights/blob/s0#1": torch.ones(2)})
+    with pytest.raises(ConfigError, match="3 finite"):
+        f.load_learned_state({"mask_weights/blob/s0#1": torch.tensor([0.5, float("nan"), 0.5])})
+    assert f.mask_weights == {}  # a refused state leaves nothing behind
+    plain = PerSAMBackend.from_pretrained(sam_dir)
+    assert plain.learned_state(["blob/s0"]) == {}
+    with pytest.raises(ConfigError, match="variant 'persam' learns nothing"):
+        plain.load_learned_state({"mask_weights/blob/s0#1": torch.ones(3) / 3})
+    feats = FeaturesBackend()
+    assert feats.learned_state(["blob/s0"]) == {}
+    feats.load_learned_state({})
+    with pytest.raises(ConfigError, match="backend 'features' learns no state"):
+        feats.load_learned_state({"x": torch.ones(1)})
 
 
 def test_config_roundtrip_plain(sam_dir):
-    be = PerSAMBackend.from_pretrained(sam_dir, kshot="max", refine=False, dtype="float32")
+    be = PerSAMBackend.from_pretrained(sam_dir, kshot="max", refine=False, dtype="float32", reference="transformers",
+                                       min_similarity=0.3, min_score=0.5)
     cfg = be.config()
     assert cfg["name"] == "persam" and cfg["checkpoint"] == str(sam_dir)
+    assert cfg["options"]["reference"] == "transformers" and cfg["options"]["min_similarity"] == 0.3
     assert backend_from_config(cfg).config() == cfg
+    assert PerSAMBackend.from_pretrained(sam_dir).config()["options"]["reference"] == "official"  # the default
     assert be.memory_bytes(4, (480, 854)) > be.memory_bytes(1, (480, 854)) > 0
 
 
@@ -269,6 +337,15 @@ def test_checkpoint_errors(tmp_path, sam_dir):
         PerSAMBackend.from_pretrained(broken)
     with pytest.raises(ConfigError, match="variant"):
         PerSAMBackend.from_pretrained(sam_dir, variant="nope")
+    with pytest.raises(ConfigError, match="reference must be one of official, transformers, got 'paper'"):
+        PerSAMBackend.from_pretrained(sam_dir, reference="paper")
+    with pytest.raises(ConfigError, match="mask_weights is not an option: .*learned state"):
+        backend_from_config({"name": "persam", "checkpoint": str(sam_dir),
+                             "options": {"mask_weights": {"blob/s0#1": [0.3, 0.3, 0.4]}}})
+    with pytest.raises(ConfigError, match="unknown option\\(s\\) colour"):
+        PerSAMBackend.from_pretrained(sam_dir, colour="red")
+    with pytest.raises(ConfigError, match="min_similarity"):
+        PerSAMBackend.from_pretrained(sam_dir, min_similarity=2.0)
 
 
 def test_through_oracle_caches_pairs(sam_dir, blobs):
@@ -298,7 +375,8 @@ def test_cli_evaluate_with_persam(sam_dir, sample_root):
     assert r.exit_code == 2 and "SAM checkpoint folder not found" in r.output
 
 
-def test_cli_select_then_predict_reloads_persam_f_weights(sam_dir, sample_root, tmp_path):
+def test_cli_select_then_predict_with_persam_f(sam_dir, sample_root, tmp_path):
+    """prompt.json holds PerSAM-F's fixed config (official reference, no learned weights); predict runs from it."""
     from PIL import Image
 
     from promptopt.artifacts import load_prompt
@@ -311,10 +389,10 @@ def test_cli_select_then_predict_reloads_persam_f_weights(sam_dir, sample_root, 
                                  "--option", "variant=persam-f", "--option", "train_steps=20"])
     assert r.exit_code == 0, r.output
     art = load_prompt(out / "prompt.json")
-    weights = art.backend["options"]["mask_weights"]
-    assert f"dog/{art.ids[0]}#1" in weights and len(weights[f"dog/{art.ids[0]}#1"]) == 3
+    assert "mask_weights" not in art.backend["options"]
+    assert art.backend["options"]["reference"] == "official" and art.backend["options"]["variant"] == "persam-f"
     be = art.build_backend()
-    assert be.mask_weights == weights
+    assert be.config() == art.backend
     images = tmp_path / "new"
     images.mkdir()
     src = sorted((sample_root / "dog" / "images").iterdir())[-1]
@@ -323,3 +401,50 @@ def test_cli_select_then_predict_reloads_persam_f_weights(sam_dir, sample_root, 
     assert r.exit_code == 0, r.output
     m = np.asarray(Image.open(tmp_path / "m" / f"{src.stem}.png"))
     assert m.shape == Image.open(src).size[::-1] and set(np.unique(m)) <= {0, 255}
+
+
+def _background_only(rng: np.random.Generator, i: int) -> Sample:
+    """A query without the object: the blobs' noisy background alone, empty mask."""
+    img = rng.normal(40, 10, (48, 80, 3)).clip(0, 255).astype(np.uint8)
+    return Sample(f"bg{i}", "blob", image=img, mask=np.zeros((48, 80), np.int64))
+
+
+@pytest.mark.parametrize("reference", ["official", "transformers"])
+def test_min_similarity_gives_absent_objects_an_empty_mask(sam_dir, blobs, reference):
+    """Personalize-SAM issue #13: below the location prior's peak threshold the query gets an empty mask;
+    queries above it, and a threshold that nothing falls below, give the output without the option."""
+    rng = np.random.default_rng(5)
+    absent = [_background_only(rng, i) for i in range(2)]
+    ref, present = blobs[0], blobs[1:4]
+    plain = PerSAMBackend.from_pretrained(sam_dir, reference=reference)
+    target = plain.targets(ref, 2)[1]
+
+    def peak(q):
+        st = plain.image_state(q)
+        return plain.segment(st, location_confidence(target.location, st.embedding[0]), target).peak
+
+    lo, hi = max(peak(q) for q in absent), min(peak(q) for q in present)
+    assert lo < hi  # on these images the object's features resemble the reference's more than background does
+    gated = PerSAMBackend.from_pretrained(sam_dir, reference=reference, min_similarity=(lo + hi) / 2)
+    for q in absent:
+        st = gated.pair_stats(ref, q, 2)
+        assert st["count"].tolist() == [1.0] and float(st["sum"].abs().max()) == 0
+        assert int(gated.predict([ref], [q], 2)[0].argmax(0).max()) == 0  # all background
+    base = plain.predict([ref], present + absent, 2)
+    for a, b in zip(gated.predict([ref], present, 2), base):
+        assert torch.equal(a, b)
+    assert any(int(p.argmax(0).max()) == 1 for p in base[len(present):])  # without the option: false positives
+    everything = PerSAMBackend.from_pretrained(sam_dir, reference=reference, min_similarity=-1.0)
+    assert all(torch.equal(a, b) for a, b in zip(everything.predict([ref], present + absent, 2), base))
+
+
+def test_min_score_thresholds_sams_predicted_iou(sam_dir, blobs):
+    ref, q = blobs[0], blobs[1]
+    plain = PerSAMBackend.from_pretrained(sam_dir)
+    st, target = plain.image_state(q), plain.targets(ref, 2)[1]
+    score = plain.segment(st, location_confidence(target.location, st.embedding[0]), target).score
+    above = PerSAMBackend.from_pretrained(sam_dir, min_score=score + 1e-3)
+    assert float(above.pair_stats(ref, q, 2)["sum"].abs().max()) == 0
+    below = PerSAMBackend.from_pretrained(sam_dir, min_score=score - 1e-3)
+    assert torch.equal(below.pair_stats(ref, q, 2)["sum"], plain.pair_stats(ref, q, 2)["sum"])
+    assert below.config()["options"]["min_score"] == pytest.approx(score - 1e-3)  # an ordinary, saved option

@@ -215,6 +215,22 @@ class Backend(ABC):
         """JSON-able description from which :func:`create_backend` rebuilds this backend."""
         return {"name": self.name, "checkpoint": None, "options": {}}
 
+    def learned_state(self, prompt_keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tensors this backend learned for these prompts (e.g. PerSAM-F's mixing weights), by name.
+
+        Learned state is not configuration: :meth:`config` stays fixed while
+        predicting, and an artifact saves these tensors (safetensors) beside
+        ``prompt.json`` for the prompts it keeps. Names are plain strings.
+        Most backends learn nothing: ``{}``.
+        """
+        return {}
+
+    def load_learned_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Take tensors returned by :meth:`learned_state` (of a backend with the same config)."""
+        if tensors:
+            names = ", ".join(sorted(tensors)[:3]) + (", …" if len(tensors) > 3 else "")
+            raise ConfigError(f"backend {self.name!r} learns no state, but learned tensors were given: {names}")
+
     def to_context(self, prompt: Prompt, num_classes: int) -> Context:
         """The prompt as tensors on this backend's device (the starting point of context tuning)."""
         if isinstance(prompt, TextPrompt):

@@ -12,47 +12,104 @@ the heavy image encoder once per image (``get_image_embeddings``) and keeps the
 embedding; every later prediction only runs the light prompt encoder and mask
 decoder. ``encoder_calls`` counts the encoder runs.
 
-The published algorithm, step by step (each step is a function below):
+Two references (``reference``):
 
-1. :func:`target_embedding` — mean of the reference's image features inside
-   its mask, downsampled to the feature grid (:func:`mask_to_grid`); the
-   cosine steps use it L2-normalised, target-semantic prompting uses the raw
-   mean, as in the reference code.
-2. :func:`location_confidence` — cosine similarity of the target with every
-   location of the query's features.
-3. :func:`select_points` — one positive point at the maximum, one negative
-   point at the minimum (in the resized-input frame SAM's prompt encoder uses).
-4. :func:`attention_bias` — target-guided attention: the standardised
-   similarity map, squashed by a sigmoid, added to the token-to-image
-   attention logits (``attention_similarity``); target-semantic prompting adds
-   the raw target embedding to the decoder tokens (``target_embedding``).
+``"official"`` (default)
+    The authors' code (github.com/ZrrSkywalker/Personalize-SAM, ``persam.py``,
+    ``persam_f.py``, ``per_segment_anything/``): its decoder semantics (double
+    softmax with the similarity map; the target embedding also in the final
+    token→image attention), its preprocessing (PIL bilinear resize), its
+    reference-mask rule, points and boxes at the original resolution, and
+    PerSAM-F's training point and resolution. Every rule is a function of
+    :mod:`promptopt.backends.persam_official`, whose docstring lists them.
+``"transformers"``
+    What transformers' ``SamModel`` computes with PerSAM's inputs, with the
+    choices promptopt made before following the official code (the steps
+    below), for users who want transformers' numbers.
+
+The algorithm, step by step (the ``transformers`` functions are below; the
+official ones in :mod:`~promptopt.backends.persam_official`):
+
+1. Target: mean of the reference's image features inside its mask.
+   Official: cells whose bilinear sample of the normalised, padded 0/255 mask
+   is > 0 (:func:`~promptopt.backends.persam_official.reference_cells`).
+   transformers mode: cells at least ``min_cover`` covered by area
+   (:func:`mask_to_grid`, :func:`target_embedding`). Either way a mask that
+   selects no cell falls back to every cell it touches (the official code
+   would average nothing and produce NaN). ``min_cover`` set in official mode
+   replaces the official rule by the area rule.
+2. :func:`location_confidence` — cosine similarity of the (location) target
+   with every location of the query's features.
+3. One positive point at the maximum, one negative at the minimum. Official:
+   of the map upsampled like SAM's masks to the query's original size, mapped
+   to the input frame by the resize ratio. transformers mode: of the map after
+   one upsampling step to the resized-input frame (:func:`select_points`).
+4. Target-guided attention: the standardised similarity, squashed by a
+   sigmoid, enters the decoder's token→image attention; target-semantic
+   prompting adds the raw mean target to the decoder tokens. Official: the
+   full-resolution map standardised and stretched onto the feature grid,
+   ``softmax(softmax(qk) + sim)``, target also in the final attention.
+   transformers mode: :func:`attention_bias` on the grid, added to the logits.
 5. Cascaded refinement (:meth:`PerSAMBackend.segment`): the best mask's logits
-   go back in as the mask input, then also its bounding box
-   (:func:`mask_to_box`); the best-scoring of the three outputs is kept each time.
+   go back in as the mask input, then also its bounding box (official: from the
+   mask at the original resolution; transformers mode: in the input frame);
+   the best-scoring of the three outputs is kept each time.
+
+The foreground probability is the sigmoid of the final logits: official, of
+SAM's post-processed logits at the query's resolution (so the class map at
+probability 1/2 is exactly the official mask); transformers mode, of the
+low-resolution logits, resized afterwards. The official maps are larger:
+the oracle's per-pair statistics are (K, H, W) per query instead of about
+(K, 256, 256·W/H).
 
 PerSAM-F (``variant="persam-f"``) instead mixes SAM's three multi-mask outputs
-with weights ``(1 - w1 - w2, w1, w2)``, trained on each reference (its own
-positive point, its own mask) with dice + focal loss, AdamW (lr 1e-3) and a
-cosine schedule, SAM frozen (:func:`fit_mask_weights`). SAM's output does not
-depend on the weights, so the decoder runs once and only the mixing is
-optimised: the same optimisation as re-running the frozen decoder every step,
-at a fraction of the cost. It is trained at the decoder's low resolution
-(SAM's 256×256 mask grid, cropped to the image); its positive point comes
-from the mean target, where the reference code uses (mean + max)/2 of the
-reference's features. The learned weights live in
-``mask_weights`` and in :meth:`PerSAMBackend.config`, so a saved prompt
-rebuilds the same backend without retraining.
+with weights ``(1 - w1 - w2, w1, w2)``, trained on each reference with dice +
+focal loss, AdamW (lr 1e-3, eps 1e-4) and a cosine schedule, SAM frozen
+(:func:`fit_mask_weights`). SAM's output does not depend on the weights, so
+the decoder runs once and only the mixing is optimised: the same optimisation
+as re-running the frozen decoder every step, at a fraction of the cost.
+Official: the positive point, for training on the reference and at test time
+on every query, comes from the location target ``(mean + max) / 2`` of the
+reference's cells; training uses SAM's logits post-processed to the
+reference's full resolution against its full-resolution mask. transformers
+mode: the mean target for both points, trained on SAM's 256×256 low-res grid.
+No negative point, no target-guided attention in PerSAM-F. Full resolution
+costs time where there is no GPU: 1000 steps on a 480×854 reference take
+≈ 33 s on one CPU thread against ≈ 0.6 s on the low-res grid
+(``benchmarks/bench_persam.py``, tiny SAM); each reference trains once.
+
+The learned weights are state, not configuration: :meth:`PerSAMBackend.config`
+never holds them; :meth:`PerSAMBackend.learned_state` returns them as tensors
+named ``mask_weights/<reference key>#<class>`` (for a safetensors file beside
+``prompt.json``) and :meth:`PerSAMBackend.load_learned_state` puts them back,
+so a saved prompt predicts without retraining.
 
 Several classes: one target per foreground class present in a reference; each
 class gets its own PerSAM run, giving a foreground probability ``p_c``. The
 class map is the per-pixel argmax over ``(1 - max_c p_c, p_1, …, p_K)``
 (normalised to sum to 1): a pixel is background unless its best class has
 probability above 1/2 of being that object. For binary tasks this is SAM's
-usual threshold at logit 0. ``instances > 1`` segments several instances
-(a known user request): after each mask, the similarity map is suppressed
-inside the segmented region and the next maximum becomes a new positive point,
-while it stays above ``instance_threshold`` times the first maximum; the
-instances' probabilities are merged by a per-pixel max.
+usual threshold at logit 0.
+
+Absent objects (Personalize-SAM issue #13): PerSAM always points somewhere,
+so a query without the object gets a false positive. ``min_similarity``
+(peak cosine similarity of the location prior, in [-1, 1]) and ``min_score``
+(SAM's predicted IoU of the final mask) are confidence thresholds: below
+either, that target's mask on that query is empty. Both default to off; they
+are ordinary options (saved in the config), so a search can tune them on
+validation images that include some without the object.
+
+Several instances (Personalize-SAM issues #9/#24), ``instances=N``: after each
+mask, the similarity map is suppressed inside the segmented region and the
+next maximum becomes a new positive point, while it stays above
+``instance_threshold`` times the first maximum (and above the confidence
+thresholds); the instances' probabilities are merged by a per-pixel max. For
+up to three sheep, keeping a sheep whose location prior reaches 80 % of the
+best one::
+
+    backend = PerSAMBackend.from_pretrained("facebook/sam-vit-base", instances=3,
+                                            instance_threshold=0.8)
+    # CLI: promptopt select ... --backend persam --option instances=3 --option instance_threshold=0.8
 
 Several references, two ways (``kshot``):
 
@@ -68,26 +125,35 @@ Several references, two ways (``kshot``):
     similarity maps, semantic prompt still the mean). PerSAM-F then uses the
     mean of the references' learned weights.
 
-Images are preprocessed by the checkpoint's ``SamProcessor``; a folder without
-one gets SAM's preprocessing built from the model config: longest side resized
-to the encoder's input size (1024 for the released models), ImageNet
-normalisation, zero padding to a square. Outputs are per-query (C, H, W)
-probabilities at the query's resolution.
+Images are preprocessed by the checkpoint's ``SamProcessor`` (its PIL
+backend in official mode, as the official code resizes with PIL); a folder
+without one gets SAM's preprocessing built from the model config: longest
+side resized to the encoder's input size (1024 for the released models),
+ImageNet normalisation, zero padding to a square. Outputs are per-query
+(C, H, W) probabilities at the query's resolution.
 
 Honest limits: PerSAM is not differentiable with respect to the prompt (points
 are an argmax), so context tuning does not apply. :meth:`memory_bytes` is an
 analytic estimate. Without real SAM weights (none can be downloaded here) the
-tests only prove the mechanics, on tiny random-init models.
+tests only prove the mechanics, on tiny random-init models. Deviations from
+the official code that remain in official mode, because the official code has
+no rule for the case: an empty reference cell set (NaN there) falls back to
+touched cells; an empty mask skips the box refinement (an exception there);
+ignore (255) pixels are left out of PerSAM-F's loss; a constant similarity
+map gives a flat attention similarity; the multi-instance, k-shot and
+absent-object options are extensions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -96,15 +162,19 @@ import torch.nn.functional as F
 from ..data import IGNORE_INDEX, Sample
 from ..errors import CheckpointError, ConfigError
 from ..space import Choice
+from . import persam_official as official
 from .base import Backend, Context, Prompt, Stats, infer_num_classes
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 VARIANTS = ("persam", "persam-f")
 KSHOT_MODES = ("output", "mean", "max")
+REFERENCES = ("official", "transformers")
+#: prefix of PerSAM-F's learned tensors in :meth:`PerSAMBackend.learned_state`
+WEIGHTS_PREFIX = "mask_weights/"
 
 
-# --- the algorithm, one small function per step ----------------------------------------------------------
+# --- the algorithm, one small function per step (transformers mode) ----------------------------------------
 
 def mask_to_grid(mask: torch.Tensor, reshaped: tuple[int, int], input_size: int, grid: tuple[int, int]) -> torch.Tensor:
     """(H, W) {0,1} mask → (h, w) fraction of each feature cell it covers.
@@ -118,15 +188,19 @@ def mask_to_grid(mask: torch.Tensor, reshaped: tuple[int, int], input_size: int,
     return F.interpolate(m, size=grid, mode="area")[0, 0]
 
 
+def covered_cells(cover: torch.Tensor, min_cover: float = 0.5) -> torch.Tensor:
+    """Cells at least ``min_cover`` inside the mask; when none is, every cell the mask touches."""
+    inside = cover >= min_cover
+    return inside if bool(inside.any()) else cover > 0
+
+
 def target_embedding(features: torch.Tensor, cover: torch.Tensor, min_cover: float = 0.5) -> torch.Tensor | None:
     """Mean (D,) of ``features`` (D, h, w) over the cells the mask covers (None if it covers none).
 
     A cell counts when at least ``min_cover`` of it is inside the mask; an
     object smaller than that falls back to every cell it touches.
     """
-    inside = cover >= min_cover
-    if not bool(inside.any()):
-        inside = cover > 0
+    inside = covered_cells(cover, min_cover)
     if not bool(inside.any()):
         return None
     return features.float()[:, inside].mean(1)
@@ -258,25 +332,52 @@ class ImageState:
         return self.embedding.numel() * self.embedding.element_size()
 
 
+@dataclass
+class Target:
+    """One class of one reference (or the k-shot combination of several)."""
+
+    semantic: torch.Tensor  # (D,) raw mean feature: target-semantic prompting
+    location: torch.Tensor  # (D,) the target whose cosine similarity picks the points
+
+
+@dataclass
+class Segmentation:
+    """One cascade's result: low-res logits (4h, 4w), the location prior's peak, SAM's predicted IoU."""
+
+    logits: torch.Tensor
+    peak: float
+    score: float
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def default_image_processor(image_size: int):
-    """SAM's preprocessing for an encoder taking ``image_size`` px: resize the longest side, normalise, pad."""
+def default_image_processor(image_size: int, pil: bool = False):
+    """SAM's preprocessing for an encoder taking ``image_size`` px: resize the longest side, normalise, pad.
+
+    ``pil=True`` resizes with PIL (as Personalize-SAM does) instead of torchvision.
+    """
     from transformers import SamImageProcessor
 
-    return SamImageProcessor(size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size})
+    cls = SamImageProcessor
+    if pil:
+        try:
+            from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil as cls  # type: ignore
+        except ImportError:  # transformers without a PIL backend resizes with PIL anyway
+            pass
+    return cls(size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size})
 
 
-def _load_processor(source: str, image_size: int):
+def _load_processor(source: str, image_size: int, pil: bool = False):
     """The checkpoint's SamProcessor image processor, or SAM's preprocessing built from the config."""
     from transformers import SamProcessor
 
     try:
-        proc = SamProcessor.from_pretrained(source).image_processor
+        proc = (SamProcessor.from_pretrained(source, backend="pil") if pil
+                else SamProcessor.from_pretrained(source)).image_processor
     except (OSError, ValueError, TypeError):
-        return default_image_processor(image_size)
+        return default_image_processor(image_size, pil)
     pad = getattr(proc, "pad_size", None) or {}
     pad_h = pad.get("height") if isinstance(pad, dict) else getattr(pad, "height", None)
     if pad_h is not None and int(pad_h) != image_size:
@@ -285,13 +386,25 @@ def _load_processor(source: str, image_size: int):
 
 
 class PerSAMBackend(Backend):
-    """PerSAM / PerSAM-F over transformers' SamModel (see the module docstring)."""
+    """PerSAM / PerSAM-F over transformers' SamModel (see the module docstring).
+
+    Options (all saved in :meth:`config`): ``reference`` ("official" /
+    "transformers"), ``variant`` ("persam" / "persam-f"), ``kshot``
+    ("output" / "mean" / "max"), ``refine`` (cascaded refinement),
+    ``instances`` and ``instance_threshold`` (several instances),
+    ``min_similarity`` and ``min_score`` (absent object → empty mask; None =
+    off), ``train_steps`` and ``lr`` (PerSAM-F), ``min_cover`` (None: the
+    reference's rule for the target's feature cells; a number: area cover),
+    ``dtype``. ``device`` and ``cache_bytes`` are runtime settings.
+    """
 
     name = "persam"
     search_space = (
         Choice("variant", VARIANTS),
         Choice("kshot", KSHOT_MODES),
         Choice("refine", (True, False)),
+        # absent objects: a search on images without the object (empty masks) can learn to answer "nothing"
+        Choice("min_similarity", (None, 0.3, 0.5, 0.7)),
     )
 
     def __init__(
@@ -299,15 +412,17 @@ class PerSAMBackend(Backend):
         model: Any = None,
         image_processor: Any = None,
         checkpoint: str | None = None,
+        reference: Literal["official", "transformers"] = "official",
         variant: Literal["persam", "persam-f"] = "persam",
         kshot: Literal["output", "mean", "max"] = "output",
         refine: bool = True,
         instances: int = 1,
         instance_threshold: float = 0.8,
+        min_similarity: float | None = None,
+        min_score: float | None = None,
         train_steps: int = 1000,
         lr: float = 1e-3,
-        min_cover: float = 0.5,
-        mask_weights: dict[str, Sequence[float]] | None = None,
+        min_cover: float | None = None,
         dtype: str | torch.dtype = "float32",
         device: str = "cpu",
         cache_bytes: int = 4 << 30,
@@ -315,12 +430,18 @@ class PerSAMBackend(Backend):
         if model is None:
             raise ConfigError("backend 'persam' needs SAM weights: pass --checkpoint facebook/sam-vit-base "
                               "(or a local folder saved by transformers)")
+        if reference not in REFERENCES:
+            raise ConfigError(f"persam: reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
         if variant not in VARIANTS:
             raise ConfigError(f"persam: variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if kshot not in KSHOT_MODES:
             raise ConfigError(f"persam: kshot must be one of {', '.join(KSHOT_MODES)}, got {kshot!r}")
-        if int(instances) < 1 or int(train_steps) < 0 or lr <= 0 or not 0 < min_cover <= 1:
+        if int(instances) < 1 or int(train_steps) < 0 or lr <= 0 or (min_cover is not None and not 0 < min_cover <= 1):
             raise ConfigError("persam: instances >= 1, train_steps >= 0, lr > 0 and 0 < min_cover <= 1 are required")
+        if min_similarity is not None and not -1 <= float(min_similarity) <= 1:
+            raise ConfigError(f"persam: min_similarity is a cosine similarity in [-1, 1], got {min_similarity}")
+        if min_score is not None and not math.isfinite(float(min_score)):
+            raise ConfigError(f"persam: min_score must be a finite number (SAM's predicted IoU), got {min_score}")
         self.dtype_name = dtype if isinstance(dtype, str) else next(k for k, v in _DTYPES.items() if v == dtype)
         if self.dtype_name not in _DTYPES:
             raise ConfigError(f"persam: dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -332,7 +453,10 @@ class PerSAMBackend(Backend):
         cfg = self.model.config
         self.input_size = int(cfg.vision_config.image_size)
         self.grid = int(cfg.prompt_encoder_config.image_embedding_size)
-        self.image_processor = image_processor if image_processor is not None else default_image_processor(self.input_size)
+        self.reference = reference
+        self.official = reference == "official"
+        self.image_processor = image_processor if image_processor is not None \
+            else default_image_processor(self.input_size, pil=self.official)
         self.checkpoint = checkpoint
         self.variant = variant
         self.kshot = kshot
@@ -340,15 +464,20 @@ class PerSAMBackend(Backend):
         self.refine = bool(refine)
         self.instances = int(instances)
         self.instance_threshold = float(instance_threshold)
+        self.min_similarity = None if min_similarity is None else float(min_similarity)
+        self.min_score = None if min_score is None else float(min_score)
         self.train_steps = int(train_steps)
         self.lr = float(lr)
-        self.min_cover = float(min_cover)
+        self.min_cover = None if min_cover is None else float(min_cover)
         self.cache_bytes = int(cache_bytes)
-        #: learned PerSAM-F weights per "reference key#class" (saved in :meth:`config`)
-        self.mask_weights: dict[str, list[float]] = {k: [float(x) for x in v] for k, v in (mask_weights or {}).items()}
+        mean, std = getattr(self.image_processor, "image_mean", None), getattr(self.image_processor, "image_std", None)
+        #: red-channel normalisation the official reference-mask rule applies to the 0/255 mask
+        self._mask_norm = (float(mean[0]) if mean is not None else 0.485, float(std[0]) if std is not None else 0.229)
+        #: learned PerSAM-F weights (3,) per "reference key#class" (state: see learned_state)
+        self.mask_weights: dict[str, torch.Tensor] = {}
         self._images: OrderedDict[str, ImageState] = OrderedDict()
         self._images_bytes = 0
-        self._targets: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
+        self._targets: dict[tuple[str, int], dict[int, Target]] = {}
         #: image-encoder runs (cache misses), for tests and benchmarks
         self.encoder_calls = 0
         #: mask-decoder runs
@@ -361,11 +490,24 @@ class PerSAMBackend(Backend):
 
     # --- construction ----------------------------------------------------------------------------------
     @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """Options a config may carry (the constructor's keywords but the model objects)."""
+        params = inspect.signature(cls.__init__).parameters
+        return frozenset(params) - {"self", "model", "image_processor", "checkpoint"}
+
+    @classmethod
     def from_pretrained(cls, name_or_local_dir: str | Path, device: str = "cpu", dtype: str = "float32",
                         **options: Any) -> "PerSAMBackend":
         """Load SamModel (+ SamProcessor) from a local folder or a model id; CheckpointError if it is missing."""
         from transformers import SamModel
 
+        unknown = set(options) - cls.option_names()
+        if "mask_weights" in unknown:
+            raise ConfigError("persam: mask_weights is not an option: PerSAM-F's learned weights are learned state "
+                              "(saved as safetensors beside prompt.json), not configuration")
+        if unknown:
+            raise ConfigError(f"persam: unknown option(s) {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(sorted(cls.option_names()))}")
         name = str(name_or_local_dir)
         path = Path(name).expanduser()
         if path.exists():
@@ -392,25 +534,50 @@ class PerSAMBackend(Backend):
             model = SamModel.from_pretrained(source)
         except (OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{name}: cannot load SAM weights: {str(exc).splitlines()[0]}") from None
-        processor = _load_processor(source, int(config.vision_config.image_size))
+        pil = options.get("reference", "official") == "official"
+        processor = _load_processor(source, int(config.vision_config.image_size), pil=pil)
         return cls(model=model, image_processor=processor, checkpoint=name, device=device, dtype=dtype, **options)
 
     def config(self) -> dict[str, Any]:
+        """The options that rebuild this backend (fixed: predicting never changes it; no learned state)."""
         opts: dict[str, Any] = {
-            "variant": self.variant, "kshot": self.kshot, "refine": self.refine, "instances": self.instances,
-            "instance_threshold": self.instance_threshold, "train_steps": self.train_steps, "lr": self.lr,
-            "min_cover": self.min_cover, "dtype": self.dtype_name,
+            "reference": self.reference, "variant": self.variant, "kshot": self.kshot, "refine": self.refine,
+            "instances": self.instances, "instance_threshold": self.instance_threshold,
+            "min_similarity": self.min_similarity, "min_score": self.min_score, "train_steps": self.train_steps,
+            "lr": self.lr, "min_cover": self.min_cover, "dtype": self.dtype_name,
         }
-        if self.variant == "persam-f":
-            opts["mask_weights"] = {k: list(v) for k, v in sorted(self.mask_weights.items())}
         return {"name": self.name, "checkpoint": self.checkpoint, "options": opts}
 
-    def state_dict(self) -> dict[str, list[float]]:
-        """The learned PerSAM-F weights ("reference key#class" → three mixing weights)."""
-        return {k: list(v) for k, v in self.mask_weights.items()}
+    # --- learned state (PerSAM-F weights) ----------------------------------------------------------------
+    def learned_state(self, prompt_keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """PerSAM-F's learned (3,) mixing weights of these references, one tensor per class.
 
-    def load_state(self, state: dict[str, Sequence[float]]) -> None:
-        self.mask_weights.update({k: [float(x) for x in v] for k, v in state.items()})
+        Named ``mask_weights/<reference key>#<class>``. Only weights already
+        learned (by predicting with the reference) are returned; a reference
+        never used has none, and a backend given the state trains it when it
+        first meets it. Empty for ``variant="persam"``.
+        """
+        wanted = set(prompt_keys)
+        return {WEIGHTS_PREFIX + k: v.detach().cpu().clone() for k, v in sorted(self.mask_weights.items())
+                if k.rpartition("#")[0] in wanted}
+
+    def load_learned_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Take learned PerSAM-F weights (as :meth:`learned_state` names them) instead of training them."""
+        if tensors and self.variant != "persam-f":
+            raise ConfigError(f"persam: variant {self.variant!r} learns nothing, but learned tensors were given "
+                              f"({', '.join(sorted(tensors)[:3])}); they belong to variant='persam-f'")
+        loaded = {}
+        for name, value in tensors.items():
+            key, _, cls = name[len(WEIGHTS_PREFIX):].rpartition("#")
+            if not name.startswith(WEIGHTS_PREFIX) or not key or not cls.isdigit():
+                raise ConfigError(f"persam: learned tensor {name!r} is not named "
+                                  f"{WEIGHTS_PREFIX}<reference key>#<class>")
+            w = torch.as_tensor(value).detach().float().cpu()
+            if w.shape != (3,) or not bool(torch.isfinite(w).all()):
+                raise ConfigError(f"persam: learned tensor {name!r} must hold 3 finite mixing weights, "
+                                  f"got shape {tuple(w.shape)}")
+            loaded[name[len(WEIGHTS_PREFIX):]] = w.clone()
+        self.mask_weights.update(loaded)
 
     # --- image embeddings ------------------------------------------------------------------------------
     def _encode(self, image: np.ndarray) -> ImageState:
@@ -461,26 +628,93 @@ class PerSAMBackend(Backend):
         m = prompt.mask.detach().to(self.device)
         return torch.where(m.sum(0) > 0.5, m.argmax(0), torch.full_like(m[0], IGNORE_INDEX, dtype=torch.long))
 
-    def targets(self, prompt: Prompt, num_classes: int) -> dict[int, torch.Tensor]:
-        """Raw target embedding (D,) of each foreground class present in a reference (cached per sample)."""
+    def _target_cells(self, mask: torch.Tensor, st: ImageState) -> torch.Tensor:
+        """(h, w) boolean feature cells of one class's (H, W) mask (see step 1 of the module docstring)."""
+        grid = (self.grid, self.grid)
+        if self.official and self.min_cover is None:
+            inside = official.reference_cells(mask, st.reshaped, self.input_size, grid, *self._mask_norm)
+            if bool(inside.any()):
+                return inside
+            return mask_to_grid(mask, st.reshaped, self.input_size, grid) > 0  # no rule there: touched cells
+        area = mask_to_grid(mask, st.reshaped, self.input_size, grid)
+        return covered_cells(area, 0.5 if self.min_cover is None else self.min_cover)
+
+    def targets(self, prompt: Prompt, num_classes: int) -> dict[int, Target]:
+        """Targets of each foreground class present in a reference (cached per sample)."""
         ck = (prompt.key, num_classes) if isinstance(prompt, Sample) else None
         if ck is not None and ck in self._targets:
             return self._targets[ck]
         st = self.image_state(prompt)
-        feats = st.embedding[0]
+        feats = st.embedding[0].float()
         labels = self._prompt_mask(prompt, num_classes)
         out = {}
         for c in range(1, num_classes):
             m = labels == c
             if not bool(m.any()):
                 continue
-            cover = mask_to_grid(m, st.reshaped, self.input_size, tuple(feats.shape[-2:]))
-            t = target_embedding(feats, cover, self.min_cover)
-            if t is not None:
-                out[c] = t
+            inside = self._target_cells(m, st)
+            if not bool(inside.any()):
+                continue
+            mean = feats[:, inside].mean(1)
+            mean_max = self.official and self.variant == "persam-f"
+            out[c] = Target(mean, official.mean_max_target(feats, inside) if mean_max else mean)
         if ck is not None:
             self._targets[ck] = out
         return out
+
+    # --- geometry: the frame where points, boxes and masks live -------------------------------------------
+    # official: the query's original pixels; transformers mode: the resized-input frame.
+    def _dense_similarity(self, sim: torch.Tensor, st: ImageState) -> torch.Tensor:
+        if self.official:
+            return official.similarity_map(sim, self.input_size, st.reshaped, st.original)
+        return upsample_similarity(sim, self.input_size, st.reshaped)
+
+    def _frame_logits(self, logits: torch.Tensor, st: ImageState) -> torch.Tensor:
+        """(..., 4h, 4w) low-res logits → the frame (SAM's post-processing, fully or its first half)."""
+        if self.official:
+            return official.postprocess_logits(logits, self.input_size, st.reshaped, st.original)
+        up = F.interpolate(logits.reshape(1, -1, *logits.shape[-2:]), size=(self.input_size, self.input_size),
+                           mode="bilinear", align_corners=False)
+        return up[0, :, : st.reshaped[0], : st.reshaped[1]].reshape(*logits.shape[:-2], *st.reshaped)
+
+    def _to_input(self, xy: tuple[float, float], st: ImageState) -> tuple[float, float]:
+        return official.to_input_frame(xy, st.original, st.reshaped) if self.official else xy
+
+    def _points(self, pick: torch.Tensor, dense: torch.Tensor,
+                st: ImageState) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Positive and negative point, in the input frame SAM's prompt encoder takes."""
+        pos, neg = official.extreme_points(pick, dense) if self.official else select_points(pick)
+        return self._to_input(pos, st), self._to_input(neg, st)
+
+    def _attention(self, sim: torch.Tensor, dense: torch.Tensor, st: ImageState) -> torch.Tensor:
+        if self.official:
+            return official.attention_similarity(dense, (self.grid, self.grid))
+        return attention_bias(sim, self._valid_grid(st))
+
+    def _box(self, logits: torch.Tensor, st: ImageState) -> list[float] | None:
+        """Bounding box of the mask (logits > 0 in the frame), in the input frame."""
+        box = mask_to_box(self._frame_logits(logits, st) > 0)
+        if box is None:
+            return None
+        return [*self._to_input((box[0], box[1]), st), *self._to_input((box[2], box[3]), st)]
+
+    def _probability(self, logits: torch.Tensor, st: ImageState) -> torch.Tensor:
+        """Foreground probability of one mask: official, at the query's size; transformers mode, low-res crop."""
+        if self.official:
+            return torch.sigmoid(self._frame_logits(logits, st))
+        crop = self._low_res_crop(st)
+        return torch.sigmoid(logits[: crop[0], : crop[1]])
+
+    def _probability_shape(self, st: ImageState) -> tuple[int, int]:
+        return st.original if self.official else self._low_res_crop(st)
+
+    def _low_res_crop(self, st: ImageState) -> tuple[int, int]:
+        s = 4 * self.grid / self.input_size
+        return max(1, int(math.ceil(st.reshaped[0] * s))), max(1, int(math.ceil(st.reshaped[1] * s)))
+
+    def _valid_grid(self, st: ImageState) -> tuple[int, int]:
+        s = self.grid / self.input_size
+        return max(1, int(math.ceil(st.reshaped[0] * s))), max(1, int(math.ceil(st.reshaped[1] * s)))
 
     # --- decoder ---------------------------------------------------------------------------------------
     def decode(self, embedding: torch.Tensor, points: Sequence[tuple[float, float]], labels: Sequence[int],
@@ -490,7 +724,9 @@ class PerSAMBackend(Backend):
         """One prompt-encoder + mask-decoder run → (logits (n, 4h, 4w) float, scores (n,) float).
 
         Points and box are in the resized-input frame (pixels of the padded
-        ``input_size`` square); ``mask_input`` is (4h, 4w) low-res logits.
+        ``input_size`` square); ``mask_input`` is (4h, 4w) low-res logits. In
+        official mode the decoder runs with Personalize-SAM's semantics
+        (:func:`~promptopt.backends.persam_official.official_decoder`).
         """
         dev, dt = self.device, self.dtype
         kwargs: dict[str, Any] = {
@@ -507,135 +743,137 @@ class PerSAMBackend(Backend):
             kwargs["attention_similarity"] = attention_similarity.to(dev, dt)
         if target is not None:
             kwargs["target_embedding"] = target.to(dev, dt).view(1, 1, -1)
-        with torch.no_grad():
+        semantics = official.official_decoder(self.model.mask_decoder) if self.official else contextlib.nullcontext()
+        with torch.no_grad(), semantics:
             out = self.model(**kwargs)
         self.decoder_calls += 1
         return out.pred_masks[0, 0].float(), out.iou_scores[0, 0].float()
 
-    def _to_input_frame(self, logits: torch.Tensor, st: ImageState) -> torch.Tensor:
-        """(4h, 4w) low-res logits → (hr, wr) logits over the resized image (SAM's postprocessing, first half)."""
-        up = F.interpolate(logits[None, None], size=(self.input_size, self.input_size), mode="bilinear",
-                           align_corners=False)
-        return up[0, 0, : st.reshaped[0], : st.reshaped[1]]
+    def segment(self, st: ImageState, sim: torch.Tensor, target: Target, weights: torch.Tensor | None = None,
+                suppress: torch.Tensor | None = None, dense: torch.Tensor | None = None) -> Segmentation:
+        """PerSAM (or, with ``weights``, PerSAM-F) on one query for one target.
 
-    def _low_res_crop(self, st: ImageState) -> tuple[int, int]:
-        s = 4 * self.grid / self.input_size
-        return max(1, int(math.ceil(st.reshaped[0] * s))), max(1, int(math.ceil(st.reshaped[1] * s)))
-
-    def _box_of(self, logits: torch.Tensor, st: ImageState) -> list[float] | None:
-        return mask_to_box(self._to_input_frame(logits, st) > 0)
-
-    def segment(self, st: ImageState, sim: torch.Tensor, raw_target: torch.Tensor,
-                weights: torch.Tensor | None = None, suppress: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-        """PerSAM (or, with ``weights``, PerSAM-F) on one query for one target → (low-res logits, peak similarity).
-
-        ``sim`` is the (h, w) grid similarity; ``suppress`` an optional (hr, wr)
-        boolean region excluded from the positive point (multi-instance).
+        ``sim`` is the (h, w) grid similarity (``dense`` its map in the frame,
+        computed when not given); ``suppress`` an optional boolean region of
+        the frame excluded from the positive point (multi-instance). The score
+        is SAM's predicted IoU of the returned mask (PerSAM-F without
+        refinement: the weights' mix of the three scores).
         """
-        dense = upsample_similarity(sim, self.input_size, st.reshaped)
+        dense = self._dense_similarity(sim, st) if dense is None else dense
         pick = dense if suppress is None else dense.masked_fill(suppress, float("-inf"))
-        pos, neg = select_points(pick)
+        pos, neg = self._points(pick, dense, st)
         peak = float(pick.max())
         emb = st.embedding
         if weights is None:  # PerSAM: location prior + target-guided attention + target-semantic prompting
             pts, lab = [pos, neg], [1, 0]
-            logits, _ = self.decode(emb, pts, lab, multimask=False, attention_similarity=attention_bias(sim, self._valid_grid(st)),
-                                    target=raw_target)
-            best = logits[0]
+            logits, scores = self.decode(emb, pts, lab, multimask=False, target=target.semantic,
+                                         attention_similarity=self._attention(sim, dense, st))
+            best, score = logits[0], float(scores[0])
             if not self.refine:
-                return best, peak
+                return Segmentation(best, peak, score)
             logits, scores = self.decode(emb, pts, lab, mask_input=best, multimask=True)
-            best = logits[int(scores.argmax())]
+            i = int(scores.argmax())
+            best, score = logits[i], float(scores[i])
         else:  # PerSAM-F: positive point only, weighted multi-mask output
             pts, lab = [pos], [1]
-            logits, _ = self.decode(emb, pts, lab, multimask=True)
-            best = mix_masks(logits, weights)
+            logits, scores = self.decode(emb, pts, lab, multimask=True)
+            best, score = mix_masks(logits, weights), float((scores * weights.to(scores)).sum())
             if not self.refine:
-                return best, peak
-        box = self._box_of(best, st)
-        if box is not None:
+                return Segmentation(best, peak, score)
+        for _ in range(2 if weights is not None else 1):  # box refinement (PerSAM-F refines twice)
+            box = self._box(best, st)
+            if box is None:
+                break
             logits, scores = self.decode(emb, pts, lab, box=box, mask_input=best, multimask=True)
-            best = logits[int(scores.argmax())]
-            if weights is not None:  # PerSAM-F refines twice with a box
-                box = self._box_of(best, st)
-                if box is not None:
-                    logits, scores = self.decode(emb, pts, lab, box=box, mask_input=best, multimask=True)
-                    best = logits[int(scores.argmax())]
-        return best, peak
+            i = int(scores.argmax())
+            best, score = logits[i], float(scores[i])
+        return Segmentation(best, peak, score)
 
-    def _valid_grid(self, st: ImageState) -> tuple[int, int]:
-        s = self.grid / self.input_size
-        return max(1, int(math.ceil(st.reshaped[0] * s))), max(1, int(math.ceil(st.reshaped[1] * s)))
+    def _confident(self, seg: Segmentation) -> bool:
+        """Whether a mask passes the absent-object thresholds (always, when they are off)."""
+        return (self.min_similarity is None or seg.peak >= self.min_similarity) and \
+            (self.min_score is None or seg.score >= self.min_score)
 
-    def foreground(self, st: ImageState, sim: torch.Tensor, raw_target: torch.Tensor,
+    def foreground(self, st: ImageState, sim: torch.Tensor, target: Target,
                    weights: torch.Tensor | None = None) -> torch.Tensor:
-        """(h4r, w4r) foreground probability of one target on one query (all instances merged)."""
-        crop = self._low_res_crop(st)
-        logits, first_peak = self.segment(st, sim, raw_target, weights)
-        prob = torch.sigmoid(logits[: crop[0], : crop[1]])
-        covered = self._to_input_frame(logits, st) > 0
+        """Foreground probability of one target on one query (all instances merged; zeros when absent)."""
+        dense = self._dense_similarity(sim, st)
+        seg = self.segment(st, sim, target, weights, dense=dense)
+        if not self._confident(seg):
+            return torch.zeros(self._probability_shape(st), device=self.device)
+        prob = self._probability(seg.logits, st)
+        covered = self._frame_logits(seg.logits, st) > 0
         for _ in range(self.instances - 1):
             if bool(covered.all()):
                 break
-            nxt = upsample_similarity(sim, self.input_size, st.reshaped).masked_fill(covered, float("-inf")).max()
-            if not math.isfinite(float(nxt)) or float(nxt) < self.instance_threshold * first_peak:
+            nxt = float(dense.masked_fill(covered, float("-inf")).max())
+            if not math.isfinite(nxt) or nxt < self.instance_threshold * seg.peak:
                 break
-            logits, _ = self.segment(st, sim, raw_target, weights, suppress=covered)
-            prob = torch.maximum(prob, torch.sigmoid(logits[: crop[0], : crop[1]]))
-            covered = covered | (self._to_input_frame(logits, st) > 0)
+            more = self.segment(st, sim, target, weights, suppress=covered, dense=dense)
+            if not self._confident(more):
+                break
+            prob = torch.maximum(prob, self._probability(more.logits, st))
+            covered = covered | (self._frame_logits(more.logits, st) > 0)
         return prob
 
     # --- PerSAM-F ----------------------------------------------------------------------------------------
-    def weights_for(self, prompt: Prompt, cls: int, raw: torch.Tensor) -> torch.Tensor:
-        """PerSAM-F mixing weights of one reference and class: stored, or trained now on the reference itself."""
+    def weights_for(self, prompt: Prompt, cls: int, target: Target) -> torch.Tensor:
+        """PerSAM-F mixing weights of one reference and class: learned before, or trained now on the reference."""
         wkey = f"{prompt.key}#{cls}" if prompt.key is not None else None
         if wkey is not None and wkey in self.mask_weights:
-            return torch.tensor(self.mask_weights[wkey], device=self.device)
-        weights, _ = self.train_reference(prompt, cls, raw)
+            return self.mask_weights[wkey].to(self.device)
+        weights, _ = self.train_reference(prompt, cls, target)
         if wkey is not None:
-            self.mask_weights[wkey] = [float(x) for x in weights]
+            self.mask_weights[wkey] = weights.detach().float().cpu()
         return weights
 
     def train_reference(self, prompt: Prompt, cls: int = 1,
-                        raw: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
-        """Train PerSAM-F's weights on one reference (its own positive point, its own mask) → (weights, losses)."""
+                        target: Target | None = None) -> tuple[torch.Tensor, list[float]]:
+        """Train PerSAM-F's weights on one reference (its own positive point, its own mask) → (weights, losses).
+
+        Official: point from the (mean + max)/2 target at the reference's
+        full resolution, loss on SAM's post-processed full-resolution logits
+        against the full-resolution mask. transformers mode: mean target,
+        SAM's low-res grid with the mask resized onto it.
+        """
         st = self.image_state(prompt)
         labels = self._prompt_mask(prompt)
-        if raw is None:
+        if target is None:
             k = prompt.num_classes if isinstance(prompt, Context) else cls + 1
             found = self.targets(prompt, k)
             if cls not in found:
                 raise ConfigError(f"reference {prompt.key}: class {cls} is not in its mask")
-            raw = found[cls]
-        sim = location_confidence(raw, st.embedding[0])
-        pos, _ = select_points(upsample_similarity(sim, self.input_size, st.reshaped))
+            target = found[cls]
+        sim = location_confidence(target.location, st.embedding[0])
+        dense = self._dense_similarity(sim, st)
+        pos, _ = self._points(dense, dense, st)
         logits, _ = self.decode(st.embedding, [pos], [1], multimask=True)
-        crop = self._low_res_crop(st)
-        logits = logits[:, : crop[0], : crop[1]]
-        gt = (labels == cls).float()
-        valid = (labels != IGNORE_INDEX).float()
-        # ground truth on the low-res grid, through the same resize + pad geometry as the image
-        geo = torch.stack([gt, valid])[None]
-        geo = F.interpolate(geo, size=st.reshaped, mode="bilinear", align_corners=False)
-        geo = F.pad(geo, (0, self.input_size - st.reshaped[1], 0, self.input_size - st.reshaped[0]))
-        geo = F.interpolate(geo, size=(4 * self.grid, 4 * self.grid), mode="area")[0, :, : crop[0], : crop[1]]
-        valid_m = geo[1] > 0.5
-        target = geo[0] / geo[1].clamp_min(1e-6)
+        gt, valid = (labels == cls).float(), labels != IGNORE_INDEX
+        if self.official:
+            logits = self._frame_logits(logits, st)
+        else:  # ground truth on the low-res grid, through the same resize + pad geometry as the image
+            crop = self._low_res_crop(st)
+            logits = logits[:, : crop[0], : crop[1]]
+            geo = torch.stack([gt, valid.float()])[None]
+            geo = F.interpolate(geo, size=st.reshaped, mode="bilinear", align_corners=False)
+            geo = F.pad(geo, (0, self.input_size - st.reshaped[1], 0, self.input_size - st.reshaped[0]))
+            geo = F.interpolate(geo, size=(4 * self.grid, 4 * self.grid), mode="area")[0, :, : crop[0], : crop[1]]
+            valid = geo[1] > 0.5
+            gt = (geo[0] / geo[1].clamp_min(1e-6)).clamp(0, 1)
         self.trainings += 1
-        return fit_mask_weights(logits, target.clamp(0, 1), valid_m, self.train_steps, self.lr)
+        return fit_mask_weights(logits, gt, valid, self.train_steps, self.lr)
 
     # --- per-pair statistics (output-level combination) -------------------------------------------------
     def pair_stats(self, prompt: Prompt, query: Sample, num_classes: int) -> Stats:
-        """Per-class foreground probability (K, h4r, w4r) of one reference on one query, and which classes it had."""
+        """Per-class foreground probability (K, h, w) of one reference on one query, and which classes it had."""
         st = self.image_state(query)
-        crop = self._low_res_crop(st)
         k = num_classes - 1
-        prob = torch.zeros((k, *crop), device=self.device)
+        prob = torch.zeros((k, *self._probability_shape(st)), device=self.device)
         count = torch.zeros((k,), device=self.device)
-        for c, raw in self.targets(prompt, num_classes).items():
-            weights = self.weights_for(prompt, c, raw) if self.variant == "persam-f" else None
-            sim = location_confidence(raw, st.embedding[0])
-            prob[c - 1] = self.foreground(st, sim, raw, weights)
+        for c, target in self.targets(prompt, num_classes).items():
+            weights = self.weights_for(prompt, c, target) if self.variant == "persam-f" else None
+            sim = location_confidence(target.location, st.embedding[0])
+            prob[c - 1] = self.foreground(st, sim, target, weights)
             count[c - 1] = 1
         return {"sum": prob, "count": count}
 
@@ -650,7 +888,9 @@ class PerSAMBackend(Backend):
         """(K, h, w) foreground probabilities → (K+1, H, W) class probabilities (see the module docstring)."""
         if fg.shape[0] == 0:
             return torch.ones((1, *size), device=fg.device)
-        fg = F.interpolate(fg[None], size=size, mode="bilinear", align_corners=False)[0].clamp(0, 1)
+        if tuple(fg.shape[-2:]) != tuple(size):
+            fg = F.interpolate(fg[None], size=size, mode="bilinear", align_corners=False)[0]
+        fg = fg.clamp(0, 1)
         bg = 1 - fg.max(0, keepdim=True).values
         probs = torch.cat([bg, fg])
         return probs / probs.sum(0, keepdim=True).clamp_min(1e-6)
@@ -663,25 +903,25 @@ class PerSAMBackend(Backend):
         k = num_classes or infer_num_classes(prompts)
         if self.kshot == "output":
             return self.predict_from_pairs(prompts, queries, k)
-        per_class: dict[int, list[tuple[Prompt, torch.Tensor]]] = {}
+        per_class: dict[int, list[tuple[Prompt, Target]]] = {}
         for p in prompts:
-            for c, raw in self.targets(p, k).items():
-                per_class.setdefault(c, []).append((p, raw))
+            for c, target in self.targets(p, k).items():
+                per_class.setdefault(c, []).append((p, target))
         out = []
         for q in queries:
             st = self.image_state(q)
-            crop = self._low_res_crop(st)
-            fg = torch.zeros((k - 1, *crop), device=self.device)
+            fg = torch.zeros((k - 1, *self._probability_shape(st)), device=self.device)
             for c, refs in per_class.items():
-                raw = combine_targets([r for _, r in refs])
+                target = Target(combine_targets([t.semantic for _, t in refs]),
+                                combine_targets([t.location for _, t in refs]))
                 if self.kshot == "max":
-                    sim = torch.stack([location_confidence(r, st.embedding[0]) for _, r in refs]).amax(0)
+                    sim = torch.stack([location_confidence(t.location, st.embedding[0]) for _, t in refs]).amax(0)
                 else:
-                    sim = location_confidence(raw, st.embedding[0])
+                    sim = location_confidence(target.location, st.embedding[0])
                 weights = None
                 if self.variant == "persam-f":
-                    weights = torch.stack([self.weights_for(p, c, r) for p, r in refs]).mean(0)
-                fg[c - 1] = self.foreground(st, sim, raw, weights)
+                    weights = torch.stack([self.weights_for(p, c, t) for p, t in refs]).mean(0)
+                fg[c - 1] = self.foreground(st, sim, target, weights)
             out.append(self._class_probs(fg, q.size))
         return out
 

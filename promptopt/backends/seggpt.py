@@ -97,8 +97,8 @@ Memory (:meth:`SegGPTBackend.memory_bytes`)
 from __future__ import annotations
 
 import copy
-import warnings
 import os
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
@@ -110,8 +110,8 @@ from ..data import Sample
 from ..errors import CheckpointError, ConfigError
 from ..memory import cuda_peak_bytes
 from .base import Backend, Context, Prompt, Stats, infer_num_classes, one_hot_mask
-from .seggpt_codec import REFERENCES, SegGptCodec, seggpt_palette
-from .seggpt_encoder import ATTENTIONS, SegGptOutput, SegGptRunner
+from .seggpt_codec import SegGptCodec, seggpt_palette
+from .seggpt_encoder import SegGptOutput, SegGptRunner, check_attention
 
 RELEASED_CHECKPOINT = "BAAI/seggpt-vit-large"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -185,12 +185,7 @@ class SegGPTBackend(Backend):
             raise ConfigError(f"seggpt backend: ensemble must be one of {_ENSEMBLES}, got {ensemble!r}")
         if embedding_type not in _EMBEDDINGS:
             raise ConfigError(f"seggpt backend: embedding_type must be one of {_EMBEDDINGS}, got {embedding_type!r}")
-        if reference not in REFERENCES:
-            raise ConfigError(f"seggpt backend: reference must be one of {REFERENCES}, got {reference!r}")
-        if attention not in ATTENTIONS:
-            raise ConfigError(f"seggpt backend: attention must be one of {ATTENTIONS}, got {attention!r}")
-        if temperature <= 0:
-            raise ConfigError(f"seggpt backend: temperature must be > 0, got {temperature}")
+        check_attention(attention)
         if batch_size < 1:
             raise ConfigError(f"seggpt backend: batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
@@ -207,17 +202,16 @@ class SegGPTBackend(Backend):
         #: "sdpa" or "eager": the attention this backend's forward runs (memory models may depend on it)
         self.attention = attention
         self.compile = _check_compile(compile)
+        cfg = model.config
+        total = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size, cfg.image_size)
+        self.input_size: tuple[int, int] = (int(total[0]) // 2, int(total[1]))  # one image: half the stacked pair
+        self.patch_size = int(cfg.patch_size if not isinstance(cfg.patch_size, (list, tuple)) else cfg.patch_size[0])
+        self.codec = SegGptCodec(reference, self.input_size, self.temperature, self.device)  # checks both
 
         self.model = model if _is_prepared(model, self.device, self.dtype) else _prepare(copy.deepcopy(model),
                                                                                           self.device, self.dtype)
         self.runner = SegGptRunner(self.model, reference=reference, attention=attention,
                                    checkpointing=self.checkpointing, compile=self.compile)
-
-        cfg = self.model.config
-        total = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size, cfg.image_size)
-        self.input_size: tuple[int, int] = (int(total[0]) // 2, int(total[1]))  # one image: half the stacked pair
-        self.patch_size = int(cfg.patch_size if not isinstance(cfg.patch_size, (list, tuple)) else cfg.patch_size[0])
-        self.codec = SegGptCodec(reference, self.input_size, self.temperature, self.device)
         self._queries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._prompts: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cached_bytes = 0

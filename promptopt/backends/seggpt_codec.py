@@ -52,7 +52,7 @@ Probabilities
 from __future__ import annotations
 
 import functools
-from typing import Literal
+
 
 import numpy as np
 import torch
@@ -64,7 +64,13 @@ from ..errors import ConfigError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 REFERENCES = ("official", "transformers")
-Reference = Literal["official", "transformers"]
+
+
+def check_reference(reference: str) -> str:
+    """``reference`` itself, or a one-line :class:`ConfigError` naming the choices."""
+    if reference not in REFERENCES:
+        raise ConfigError(f"seggpt backend: reference must be one of {REFERENCES}, got {reference!r}")
+    return reference
 
 
 @functools.lru_cache(maxsize=64)
@@ -104,11 +110,9 @@ class SegGptCodec:
 
     def __init__(self, reference: str, input_size: tuple[int, int], temperature: float,
                  device: torch.device | str = "cpu") -> None:
-        if reference not in REFERENCES:
-            raise ConfigError(f"seggpt backend: reference must be one of {REFERENCES}, got {reference!r}")
         if temperature <= 0:
             raise ConfigError(f"seggpt backend: temperature must be > 0, got {temperature}")
-        self.reference = reference
+        self.reference = check_reference(reference)
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.temperature = float(temperature)
         self.device = torch.device(device)
@@ -213,4 +217,4 @@ class SegGptCodec:
         return probs
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "REFERENCES", "SegGptCodec", "seggpt_palette"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "REFERENCES", "SegGptCodec", "check_reference", "seggpt_palette"]

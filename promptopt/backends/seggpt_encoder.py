@@ -47,9 +47,16 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .seggpt_codec import REFERENCES
+from .seggpt_codec import check_reference
 
 ATTENTIONS = ("sdpa", "eager")
+
+
+def check_attention(attention: str) -> str:
+    """``attention`` itself, or a one-line :class:`ConfigError` naming the choices."""
+    if attention not in ATTENTIONS:
+        raise ConfigError(f"seggpt backend: attention must be one of {ATTENTIONS}, got {attention!r}")
+    return attention
 
 
 # --- attention -------------------------------------------------------------------------------------
@@ -99,8 +106,7 @@ def ensemble_plan(num_layers: int, merge_index: int, reference: str) -> list[str
     ``"streams"`` for ``i < merge_index``, ``"both"`` at ``i == merge_index``,
     then ``"rows"``.
     """
-    if reference not in REFERENCES:
-        raise ConfigError(f"seggpt backend: reference must be one of {REFERENCES}, got {reference!r}")
+    check_reference(reference)
     plan = []
     for i in range(num_layers):
         if i < merge_index:
@@ -206,13 +212,9 @@ class SegGptRunner:
 
     def __init__(self, model: Any, *, reference: str = "official", attention: str = "sdpa",
                  checkpointing: bool = False, compile: bool | str = False) -> None:
-        if reference not in REFERENCES:
-            raise ConfigError(f"seggpt backend: reference must be one of {REFERENCES}, got {reference!r}")
-        if attention not in ATTENTIONS:
-            raise ConfigError(f"seggpt backend: attention must be one of {ATTENTIONS}, got {attention!r}")
         self.model = model
-        self.reference = reference
-        self.attention = attention
+        self.reference = check_reference(reference)
+        self.attention = check_attention(attention)
         self.checkpointing = bool(checkpointing)
         self.compile = compile
         cfg = model.config
@@ -281,5 +283,5 @@ class SegGptRunner:
         return SegGptOutput(pred_masks=pred, loss=loss)
 
 
-__all__ = ["ATTENTIONS", "SegGptOutput", "SegGptRunner", "ensemble_plan", "ensemble_query_half", "eager_attention",
-           "mean_within_groups", "sdpa_attention"]
+__all__ = ["ATTENTIONS", "SegGptOutput", "SegGptRunner", "check_attention", "eager_attention", "ensemble_plan",
+           "ensemble_query_half", "mean_within_groups", "sdpa_attention"]

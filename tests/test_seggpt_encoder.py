@@ -24,6 +24,7 @@ from promptopt.backends.seggpt import SegGPTBackend, tiny_config  # noqa: E402
 from promptopt.backends.seggpt_encoder import (  # noqa: E402
     SegGptRunner, eager_attention, ensemble_plan, ensemble_query_half, sdpa_attention)
 from promptopt.data import Sample  # noqa: E402
+from test_seggpt_official import painter_pred  # noqa: E402
 
 SIZE = 32
 
@@ -57,52 +58,6 @@ def rows(n: int, seed: int = 1, same_query: bool = True):
 def transformers_pred(model, q, im, ms, **kwargs):
     with torch.no_grad():
         return model(pixel_values=q, prompt_pixel_values=im, prompt_masks=ms, **kwargs).pred_masks
-
-
-def painter_pred(model, q, im, ms):
-    """Painter's SegGPT forward for one prompt set, transliterated over transformers' modules.
-
-    seggpt_engine.run_one_image: ``feat_ensemble = 0 if len(x) > 1 else -1``;
-    SegGPT.forward_encoder: ``merge = 1 if merge_idx >= idx else 2`` for every
-    ``idx >= merge_between_batch``, the streams merged after block ``merge_idx``,
-    normed features of the configured blocks; Block.forward: the ensemble acts
-    on the attention output before the residual. (The embeddings and decoder are
-    transformers' modules: they are not what differs.)
-    """
-    cfg = model.config
-    n = q.shape[0]
-    patches = model.model.embeddings.patch_embeddings.num_patches
-    masked = torch.zeros(1, patches, dtype=torch.bool)
-    masked[:, patches // 2:] = True
-    with torch.no_grad():
-        x = model.model.embeddings(torch.cat((im, q), 2), torch.cat((ms, ms), 2), bool_masked_pos=masked,
-                                   embedding_type="instance")
-        merge_between_batch = 0 if n > 1 else -1
-        merge_idx = cfg.merge_index
-        out = []
-        for idx, blk in enumerate(model.model.encoder.layers):
-            merge = 0
-            if merge_between_batch >= 0 and idx >= merge_between_batch:
-                merge = 1 if merge_idx >= idx else 2
-            shortcut = x
-            h = blk.attention(blk.layernorm_before(x))[0]
-            if merge > 0:
-                prompt, inputs = h.split(h.shape[1] // 2, dim=1)
-                if merge == 1:
-                    num_prompts = h.shape[0] // 2
-                    inputs = inputs.reshape(2, num_prompts, -1)
-                    inputs = inputs.mean(dim=1, keepdim=True).expand_as(inputs)
-                    inputs = inputs.reshape(*prompt.shape)
-                else:
-                    inputs = inputs.mean(dim=0, keepdim=True).expand_as(inputs)
-                h = torch.cat([prompt, inputs], dim=1)
-            x = shortcut + h
-            x = x + blk.mlp(blk.layernorm_after(x))
-            if idx == merge_idx:
-                x = (x[: x.shape[0] // 2] + x[x.shape[0] // 2:]) * 0.5
-            if idx in cfg.intermediate_hidden_state_indices:
-                out.append(model.model.encoder.layernorm(x))
-        return model.decoder(torch.cat(out, dim=-1))
 
 
 # --- attention ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from promptopt.backends.seggpt import SegGPTBackend, tiny_config  # noqa: E402
 from promptopt.backends.seggpt_codec import IMAGENET_MEAN, IMAGENET_STD, SegGptCodec  # noqa: E402
 from promptopt.data import bundled_sample_root, load_dataset  # noqa: E402
 from promptopt.oracle import ValidationOracle  # noqa: E402
+from test_seggpt_official import painter_input, palette_picture  # noqa: E402
 
 SIZE = 32
 
@@ -48,18 +49,6 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("seggpt-tiny-ref")
     model.save_pretrained(path)
     return path
-
-
-def painter_input(rgb: np.ndarray, size: int, nearest: bool = False) -> torch.Tensor:
-    """seggpt_engine.inference_image: PIL resize, np.array / 255., - imagenet_mean, / imagenet_std, then .float()."""
-    img = Image.fromarray(rgb).resize((size, size), Image.NEAREST if nearest else Image.BICUBIC)
-    x = (np.array(img) / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    return torch.tensor(x).permute(2, 0, 1).float()
-
-
-def palette_picture(mask: np.ndarray) -> np.ndarray:
-    """A binary mask as the official target picture: white foreground on black."""
-    return np.repeat((mask > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
 
 
 # --- preprocessing -------------------------------------------------------------------------------------

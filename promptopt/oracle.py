@@ -215,7 +215,10 @@ class ValidationOracle:
         """Scores of ``base + [c]`` for each candidate c (the inner loop of greedy selection).
 
         With the pair cache, the base's statistics are merged once per query
-        and each candidate costs one merge and one finalisation; otherwise each
+        and each candidate costs one merge and one finalisation. For a
+        model-combining backend, all not-yet-memoised sets are predicted per
+        query through ``backend.predict_sets`` (several sets per model call),
+        with the results, memo and counters of :meth:`score`; otherwise each
         set is scored with :meth:`score`. ``approximate=True`` scores a
         model-combining backend through its output-level pair statistics
         instead (a cheap ranking for shortlists, memoised apart from exact scores).
@@ -227,8 +230,53 @@ class ValidationOracle:
                 return self._additions_from_pairs(base, candidates, self._results)
             return self._additions_from_pairs(base, candidates, self._approx_results)
         if not self.uses_pair_cache:
+            if self.backend.combines == "model":
+                return self._additions_by_sets(base, candidates)
             return [self.score([*base, c]) for c in candidates]
         return self._additions_from_pairs(base, candidates, self._results)
+
+    def _additions_by_sets(self, base: Sequence[Prompt], candidates: Sequence[Prompt]) -> list[OracleResult]:
+        """``[self.score([*base, c]) for c in candidates]`` with one ``backend.predict_sets`` call per query.
+
+        Every candidate set not yet memoised is predicted for a query in one
+        call, so a backend can batch the rows of several sets; memo, counters
+        (``forwards``: rows, ``len(set)`` per set and query), progress and
+        results are those of calling :meth:`score` per set.
+        """
+        out: list[OracleResult | None] = [None] * len(candidates)
+        todo: list[tuple[tuple[str, ...], list[Prompt], list[int]]] = []
+        pending: dict[tuple[str, ...], list[int]] = {}
+        for i, c in enumerate(candidates):
+            prompts = [*base, c]
+            key = _set_key(prompts)
+            self._counters.calls += 1
+            if self.cache and key in self._results:
+                self._counters.memo_hits += 1
+                out[i] = self._results[key]
+            elif self.cache and key in pending:  # score() would find the first one's result memoised
+                self._counters.memo_hits += 1
+                pending[key].append(i)
+            else:
+                todo.append((key, sorted(prompts, key=lambda p: p.key), [i]))
+                pending[key] = todo[-1][2]
+        if todo:
+            sets = [ordered for _, ordered, _ in todo]
+            accs = [IoUAccumulator(self.num_classes, self.ignore_index) for _ in todo]
+            for q in self.samples:
+                with torch.no_grad():
+                    probs = self.backend.predict_sets(sets, q, self.num_classes)
+                for acc, p, ordered in zip(accs, probs, sets):
+                    acc.add_confusion(self._confusion(p, q), q.id)
+                    self._counters.forwards += len(ordered)
+                    if self.progress:
+                        self.progress(len(ordered))
+            for acc, (key, ordered, slots) in zip(accs, todo):
+                result = OracleResult([p.key.split("/")[-1] for p in ordered], acc.result())
+                if self.cache:
+                    self._results[key] = result
+                for i in slots:
+                    out[i] = result
+        return out  # type: ignore[return-value]
 
     def _additions_from_pairs(self, base: Sequence[Prompt], candidates: Sequence[Prompt],
                               memo: dict[tuple[str, ...], OracleResult]) -> list[OracleResult]:

@@ -1,4 +1,9 @@
-"""SegGPT backend on tiny random-init checkpoints: parity with transformers, ensembles, gradients, palette, errors."""
+"""SegGPT backend on tiny random-init checkpoints: parity with transformers, ensembles, gradients, palette, errors.
+
+The parity tests run the backend with ``reference="transformers"`` (the default,
+"official", follows Painter's code, whose answers differ on purpose: see
+tests/test_seggpt_reference.py and tests/test_seggpt_encoder.py).
+"""
 
 from __future__ import annotations
 
@@ -40,7 +45,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backend(checkpoint):
-    return SegGPTBackend.from_pretrained(checkpoint)
+    """transformers' rules (processor, encoder, post-processing), against which these parity tests compare."""
+    return SegGPTBackend.from_pretrained(checkpoint, reference="transformers")
 
 
 def make_sample(i: int, h: int = SIZE, w: int = SIZE, classes: int = 2) -> Sample:
@@ -79,16 +85,17 @@ def test_parity_one_prompt(backend):
 
 
 def test_parity_with_resize(backend):
-    """Queries and prompts of other sizes: bicubic/nearest resizes as the processor does (which rounds to uint8)."""
+    """Queries and prompts of other sizes: bicubic/nearest resizes as the processor does (rounding to uint8)."""
     p, q = make_sample(2, 45, 70), make_sample(3, 50, 61)
     ref = direct_call(backend.model, [p], q)
     probs = backend.predict([p], [q], 2)[0]
     assert probs.shape == (2, 50, 61)
-    assert (probs.argmax(0) == ref.segmentation).float().mean() > 0.97
+    assert torch.equal(probs.argmax(0), ref.segmentation)
     inputs = processor()(images=q.image, prompt_images=p.image, prompt_masks=p.mask.astype(np.uint8), num_labels=1,
                          return_tensors="pt")
-    torch.testing.assert_close(backend.query_input(q), inputs["pixel_values"][0], atol=0.03, rtol=0)
-    torch.testing.assert_close(backend.prompt_input(p, 2)[1], inputs["prompt_masks"][0], atol=1e-5, rtol=0)
+    assert torch.equal(backend.query_input(q), inputs["pixel_values"][0])
+    assert torch.equal(backend.prompt_input(p, 2)[0], inputs["prompt_pixel_values"][0])
+    assert torch.equal(backend.prompt_input(p, 2)[1], inputs["prompt_masks"][0])
 
 
 def test_feature_ensemble_equals_manual_call(backend):
@@ -115,19 +122,20 @@ def test_feature_ensemble_rows_differ_and_mean_is_used(backend):
     torch.testing.assert_close(backend.predict(prompts, [q], 2)[0], mean_probs, atol=1e-5, rtol=1e-5)
 
 
-def test_one_prompt_does_not_pass_feature_ensemble(backend, monkeypatch):
+def test_one_prompt_runs_without_feature_ensemble(backend, monkeypatch):
+    """One prompt: every row is its own set (no ensemble), rows of several queries share a call; two prompts: one set."""
     seen = []
-    original = backend.model.forward
+    original = backend._forward
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("feature_ensemble"))
-        return original(*args, **kwargs)
+    def spy(queries, images, masks, sizes, labels=None):
+        seen.append(list(sizes))
+        return original(queries, images, masks, sizes, labels)
 
-    monkeypatch.setattr(backend.model, "forward", spy)
+    monkeypatch.setattr(backend, "_forward", spy)
     backend.predict([make_sample(0)], [make_sample(1), make_sample(2)], 2)
-    assert seen and all(fe is None for fe in seen)
+    assert seen == [[1, 1]]
     backend.predict([make_sample(0), make_sample(3)], [make_sample(1)], 2)
-    assert seen[-1] is True
+    assert seen[-1] == [2]
 
 
 def test_output_ensemble_is_mean_of_single_runs(checkpoint):
@@ -183,12 +191,14 @@ def test_semantic_palette_round_trip(backend, k):
         (rgb * 255).round().to(torch.uint8).numpy(),
         processor().mask_to_rgb(mask.numpy(), palette=build_palette(k - 1)),
     )
-    pred = backend._normalise(rgb)  # a perfect prediction of the mask decodes back to its ids
+    pred = backend.codec.normalise(rgb)  # a perfect prediction of the mask decodes back to its ids
     assert torch.equal(backend.decode(pred, k).argmax(0), mask)
+    official = SegGPTBackend(backend.model)  # the official rules read a perfect picture back the same way
+    assert torch.equal(official.decode(pred, k).argmax(0), mask)
 
 
 def test_semantic_embedding_and_multiclass_predict(checkpoint):
-    be = SegGPTBackend.from_pretrained(checkpoint, embedding_type="semantic")
+    be = SegGPTBackend.from_pretrained(checkpoint, embedding_type="semantic", reference="transformers")
     p, q = make_sample(40, classes=4), make_sample(41)
     probs = be.predict([p], [q], 4)[0]
     assert probs.shape == (4, SIZE, SIZE)
@@ -217,10 +227,27 @@ def test_missing_checkpoint_errors(tmp_path):
 
 def test_config_round_trip(checkpoint):
     be = create_backend("seggpt", str(checkpoint), {"ensemble": "output", "temperature": 0.1})
+    assert be.config()["options"]["reference"] == "official" and be.attention == "sdpa" and be.compile is False
     cfg = json.loads(json.dumps(be.config()))
     again = backend_from_config(cfg)
     assert isinstance(again, SegGPTBackend) and again.config() == cfg
     assert again.ensemble == "output" and again.combines == "output" and again.temperature == 0.1
+    opts = {"reference": "transformers", "attention": "eager", "compile": "aot_eager"}
+    cfg = json.loads(json.dumps(create_backend("seggpt", str(checkpoint), opts).config()))
+    again = backend_from_config(cfg)
+    assert {k: cfg["options"][k] for k in opts} == opts and again.config() == cfg
+    assert (again.reference, again.attention, again.compile) == ("transformers", "eager", "aot_eager")
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("reference", "painter", "reference must be one of"),
+    ("attention", "flash", "attention must be one of"),
+    ("compile", "no-such-backend", "compile must be"),
+    ("compile", 3, "compile must be true or false"),
+])
+def test_bad_options_are_one_line_errors(backend, option, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        SegGPTBackend(backend.model, **{option: value})
 
 
 def test_memory_estimate_grows_with_prompts(checkpoint):

@@ -202,6 +202,16 @@ class Backend(ABC):
     def predict(self, prompts: Sequence[Prompt], queries: Sequence[Sample], num_classes: int | None = None) -> list[torch.Tensor]:
         """Per query, a (C, H, W) float tensor of class probabilities at the query's resolution."""
 
+    def predict_sets(self, prompt_sets: Sequence[Sequence[Prompt]], query: Sample,
+                     num_classes: int | None = None) -> list[torch.Tensor]:
+        """One query under several prompt sets: ``predict(ps, [query], num_classes)[0]`` for each set ``ps``.
+
+        The default is exactly that loop. A model-combining backend overrides it
+        to put the rows of several sets into one model call (SegGPT's grouped
+        feature ensemble); the answers must stay those of the loop.
+        """
+        return [self.predict(ps, [query], num_classes)[0] for ps in prompt_sets]
+
     @abstractmethod
     def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None) -> int:
         """Estimated peak device memory (bytes) of one prediction with ``num_prompts`` prompts."""

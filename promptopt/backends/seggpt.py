@@ -2,46 +2,41 @@
 
 Why it exists: SegGPT is the model the prompt-selection literature optimises
 for, and its several-prompt mode (the *feature ensemble*) is where a prompt set
-is more than the sum of its pairs. This module wraps it with the three things
-the rest of promptopt needs: preprocessing in torch (so context tuning can
-differentiate through it), decoding into class probabilities, and a memory
-figure per prompt count.
+is more than the sum of its pairs. This module wraps it with what the rest of
+promptopt needs: preprocessing and decoding (:mod:`.seggpt_codec`), the network
+forward with grouped prompt sets, the official merge rule, SDPA attention and
+per-call checkpointing (:mod:`.seggpt_encoder`), caches, and a memory figure per
+prompt count.
 
-Preprocessing (equivalent to ``SegGptImageProcessor``)
-    Every prompt image, prompt mask and query is resized to the checkpoint's
-    per-image input size — half the height of ``config.image_size``, 448×448 for
-    the released model — images bicubic with antialiasing and clamped to
-    [0, 1] (the processor rounds to uint8; we do not, to stay differentiable),
-    masks nearest (PIL's rule, torch's "nearest-exact"). Masks become RGB through SegGPT's palette
-    (:func:`seggpt_palette`, the same colours as transformers' ``build_palette``):
-    class 0 is black, class c the c-th palette colour, a binary mask is class 1
-    of a one-label palette (white); a soft mask (:class:`Context`) is the
-    probability-weighted mix of colours, and ignored pixels (all-zero columns)
-    are black. Both are then normalised with the ImageNet mean and std.
-
-Decoding
-    The query half of the predicted image is un-normalised and clipped to
-    [0, 255] as in ``post_process_semantic_segmentation``; per pixel, the class
-    probabilities are ``softmax(-d_c / temperature)`` where ``d_c`` is the squared
-    distance (RGB scaled to [0, 1]) to the palette colour of class c. Its argmax is
-    the nearest palette colour, exactly transformers' decoding; the softness only
-    matters when probabilities are averaged (``ensemble="output"``) or
-    differentiated. Probabilities are resized to the query's size with torch's
-    "nearest" interpolation (as transformers resizes the predicted image).
+Two references (``reference``)
+    ``"official"`` (the default) follows the authors' code, Painter's
+    ``SegGPT/SegGPT_inference``: PIL resizing to uint8, the merge-layer rule of
+    its feature ensemble, row 0 of the ensemble's output, and the binary mask
+    rule ``channel mean > 128``. ``"transformers"`` follows transformers'
+    ``SegGptImageProcessor`` → ``SegGptForImageSegmentation`` →
+    ``post_process_semantic_segmentation`` (its 1-prompt answers equal that
+    pipeline's), averaging the ensemble's rows. Where they differ and why:
+    :mod:`.seggpt_codec` (pixels) and :mod:`.seggpt_encoder` (merge layer).
+    Contexts being tuned (tensors that require grad) take a differentiable float
+    path in both modes; everything else — prediction, selection, evaluation —
+    the uint8 path of its reference.
 
 Several prompts (``ensemble``)
     ``"feature"`` — SegGPT's own, and what the paper (Wang et al., "SegGPT:
     Segmenting Everything In Context", ICCV 2023) uses for few-shot: the query is
-    repeated N times next to the N (prompt, mask) pairs in one batch and the
-    model is called with ``feature_ensemble=True``, which averages the query
-    tokens across prompts inside the encoder. Only when N > 1: with N = 1 the flag
-    is not passed at all. The N output rows still differ (the prompt halves
-    attend differently), so we average the N query halves ourselves rather than
-    taking row 0 as the reference inference code does. Prompts interact, so this
-    mode declares ``combines = "model"``: every prompt set costs N rows of
-    forward, memory grows about linearly with N, and the oracle can only memoise
-    whole sets. Queries are never batched together here (the ensemble mean runs
-    over the whole batch).
+    repeated N times next to the N (prompt, mask) pairs and the query half of
+    every encoder layer's attention output is averaged over those N rows (only
+    when N > 1). Averaging makes the query-half *tokens* identical in all N rows;
+    the N painted outputs still differ, but only in the first pixel row of the
+    query half, which the decoder's 3×3 convolution computes across the seam
+    from the row's own prompt mask. The official code takes row 0
+    (``reference="official"``); ``"transformers"`` averages the N rows (which
+    changes only that pixel row). Prompts interact, so this mode declares
+    ``combines = "model"``: every prompt set costs N rows of forward and the
+    oracle can only memoise whole sets. Several sets (each with its own query)
+    share one model call through :meth:`SegGPTBackend.predict_sets`, the
+    averages taken within each set's rows, so a set's answer does not depend on
+    its batch neighbours.
 
     ``"output"`` — each (prompt, query) pair is run alone and the decoded
     probabilities are averaged. ``combines = "output"``: the oracle caches each
@@ -52,29 +47,56 @@ Several prompts (``ensemble``)
     In both modes :meth:`SegGPTBackend.pair_stats` is implemented; in feature mode
     it is only the cheap shortlist proxy of forward selection, never the score.
 
+Rows per model call (``batch_size``)
+    Independent rows (output mode, one-prompt predictions) and whole prompt
+    sets in :meth:`~SegGPTBackend.predict_sets` are packed into calls of at most
+    ``max(batch_size, largest set)`` rows; a set is never split. A plain
+    :meth:`~SegGPTBackend.predict` with N > 1 prompts in feature mode runs one
+    call of N rows per query (what ``memory_bytes(N)`` describes).
+
+Speed (``attention``, ``compile``)
+    ``attention="sdpa"`` (default) computes transformers' attention through
+    ``F.scaled_dot_product_attention`` (same function; float32 within 1e-5 of
+    eager on the tests' tiny models); ``"eager"`` runs transformers' own module.
+    ``compile=True`` compiles the two pieces of an encoder layer with
+    ``torch.compile`` (off by default everywhere: no GPU measurement has been
+    made with this code yet). ``dtype="bfloat16"`` halves memory at an accuracy
+    cost measured on the tiny test models: painted outputs within 4 % (eager) /
+    6 % (SDPA) of their range of float32's, and on real DAVIS frames ≥ 99 % of
+    pixel labels equal to float32's, probabilities near the decision boundary
+    moving by up to 0.25 (tests/test_seggpt_encoder.py,
+    tests/test_seggpt_reference.py).
+
 Context tuning
     Prompt images and masks may be tensors with ``requires_grad``. The model is
-    frozen (eval mode, ``requires_grad=False``, drop-path rate 0).
+    frozen (eval mode, ``requires_grad=False``).
     :meth:`SegGPTBackend.tuning_loss` is the model's own training loss (smooth-L1
-    on the masked patches, i.e. the query's mask) with ``bool_masked_pos`` given
-    one row per prompt: transformers' ``SegGptLoss`` divides the masked sum over
-    the whole batch by ``mask.sum()`` of ``bool_masked_pos``, so its default single
-    row would *sum* over prompts instead of averaging. ``checkpointing=True``
-    recomputes each encoder layer in the backward pass
-    (``torch.utils.checkpoint``; transformers' own gradient checkpointing is
-    active only in training mode, which would switch drop-path back on).
+    on the masked patches, i.e. the query's mask), averaged over every row of the
+    call: transformers' ``SegGptLoss`` divides the masked sum over the batch by
+    the number of masked entries, so with one masked row per prompt the loss is a
+    mean over prompts. ``checkpointing=True`` recomputes each encoder layer in
+    the backward pass (``torch.utils.checkpoint``, applied per call while
+    gradients are recorded).
+
+The model is never changed behind another holder's back
+    A model passed in that is already on the backend's device and dtype, in
+    eval mode and frozen is used as is (and may be shared by several backends
+    with different settings: nothing is installed on it). Any other model is
+    copied first. :meth:`SegGPTBackend.from_pretrained` prepares the model it
+    loads, so it is never copied.
 
 Memory (:meth:`SegGPTBackend.memory_bytes`)
     On CUDA, peaks are profiled at 1 and 2 rows and extrapolated linearly
     (cached per device, dtype, input size and mode; ``memory_kind ==
     "profiled"``). Elsewhere an analytic estimate (weights + the largest live
-    activations of one encoder layer, intermediate features and decoder) is
-    returned; it is an estimate, not a measurement.
+    activations of one *eager* encoder layer, intermediate features and decoder)
+    is returned; it is an estimate, not a measurement. The attention in use is
+    the public attribute ``attention``.
 """
 
 from __future__ import annotations
 
-import functools
+import copy
 import os
 import warnings
 from collections import OrderedDict
@@ -89,42 +111,47 @@ from ..errors import CheckpointError, ConfigError
 from ..memory import cuda_peak_bytes
 from ..space import Choice
 from .base import Backend, Context, Prompt, Stats, infer_num_classes, one_hot_mask
+from .seggpt_codec import SegGptCodec, seggpt_palette
+from .seggpt_encoder import SegGptOutput, SegGptRunner, check_attention
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RELEASED_CHECKPOINT = "BAAI/seggpt-vit-large"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _ENSEMBLES = ("feature", "output")
 _EMBEDDINGS = ("instance", "semantic")
 
-
-def seggpt_palette(num_classes: int) -> torch.Tensor:
-    """(num_classes, 3) float RGB in [0, 255]: class 0 black, then SegGPT's palette for ``num_classes - 1`` labels.
-
-    The colours are those of transformers' ``build_palette(num_labels)`` (from
-    Painter's COCO palette): a grid with ``int(L ** (1/3)) + 1`` levels per
-    channel counted down from 255.
-    """
-    if num_classes < 2:
-        raise ConfigError(f"a segmentation task needs at least 2 classes, got {num_classes}")
-    labels = num_classes - 1
-    base = int(labels ** (1 / 3)) + 1
-    margin = 256 // base
-    colours = [(0, 0, 0)]
-    for loc in range(labels):
-        r, g, b = loc // base**2, (loc % base**2) // base, loc % base
-        colours.append((255 - r * margin, 255 - g * margin, 255 - b * margin))
-    return torch.tensor(colours, dtype=torch.float32)
+#: a prompt set and the query it is predicted for
+PromptSet = tuple[Sequence[Prompt], Sample, int]
 
 
-def _checkpointed(forward, *args, **kwargs):
-    """Run an encoder layer under activation checkpointing when gradients are being recorded."""
-    if torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint
+def _check_compile(value: Any) -> bool | str:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        names = set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"}
+        if value in names:
+            return value
+        raise ConfigError(f"seggpt backend: compile must be true, false or a torch.compile backend "
+                          f"({', '.join(sorted(names))}); got {value!r}")
+    raise ConfigError(f"seggpt backend: compile must be true or false, got {value!r}")
 
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return forward(*args, **kwargs)
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _is_prepared(model: Any, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model is already frozen, in eval mode and on (device, dtype): then it is used without a copy."""
+    params = list(model.parameters())
+    return (all(_same_device(p.device, device) and p.dtype == dtype and not p.requires_grad for p in params)
+            and not any(m.training for m in model.modules()))
+
+
+def _prepare(model: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    model = model.to(device=device, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 class SegGPTBackend(Backend):
@@ -147,6 +174,9 @@ class SegGPTBackend(Backend):
         temperature: float = 0.05,
         batch_size: int = 4,
         cache_bytes: int = 1 << 30,
+        reference: str = "official",
+        attention: str = "sdpa",
+        compile: bool | str = False,
     ) -> None:
         if model is None:
             raise ConfigError(
@@ -158,8 +188,7 @@ class SegGPTBackend(Backend):
             raise ConfigError(f"seggpt backend: ensemble must be one of {_ENSEMBLES}, got {ensemble!r}")
         if embedding_type not in _EMBEDDINGS:
             raise ConfigError(f"seggpt backend: embedding_type must be one of {_EMBEDDINGS}, got {embedding_type!r}")
-        if temperature <= 0:
-            raise ConfigError(f"seggpt backend: temperature must be > 0, got {temperature}")
+        check_attention(attention)
         if batch_size < 1:
             raise ConfigError(f"seggpt backend: batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
@@ -172,24 +201,20 @@ class SegGPTBackend(Backend):
         self.temperature = float(temperature)
         self.batch_size = int(batch_size)
         self.cache_bytes = int(cache_bytes)
-
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for module in self.model.modules():  # drop-path is inactive in eval mode; make it inert anyway
-            if hasattr(module, "drop_prob"):
-                module.drop_prob = 0.0
-        if self.checkpointing:
-            for layer in self.model.model.encoder.layers:
-                if not isinstance(layer.forward, functools.partial):  # a model shared by two backends: wrap once
-                    layer.forward = functools.partial(_checkpointed, layer.forward)
-
-        cfg = self.model.config
+        self.reference = reference
+        #: "sdpa" or "eager": the attention this backend's forward runs (memory models may depend on it)
+        self.attention = attention
+        self.compile = _check_compile(compile)
+        cfg = model.config
         total = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size, cfg.image_size)
         self.input_size: tuple[int, int] = (int(total[0]) // 2, int(total[1]))  # one image: half the stacked pair
         self.patch_size = int(cfg.patch_size if not isinstance(cfg.patch_size, (list, tuple)) else cfg.patch_size[0])
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(3, 1, 1)
+        self.codec = SegGptCodec(reference, self.input_size, self.temperature, self.device)  # checks both
+
+        self.model = model if _is_prepared(model, self.device, self.dtype) else _prepare(copy.deepcopy(model),
+                                                                                          self.device, self.dtype)
+        self.runner = SegGptRunner(self.model, reference=reference, attention=attention,
+                                   checkpointing=self.checkpointing, compile=self.compile)
         self._queries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._prompts: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cached_bytes = 0
@@ -253,6 +278,7 @@ class SegGPTBackend(Backend):
             raise CheckpointError(f"cannot load seggpt checkpoint {source}: {exc}") from None
         if getattr(model.config, "model_type", None) != "seggpt":
             raise CheckpointError(f"{source} is a {model.config.model_type!r} checkpoint, not seggpt")
+        model = _prepare(model, torch.device(device), torch_dtype)  # ours alone: no copy needed
         return cls(model, checkpoint=ref, device=device, dtype=dtype, **options)
 
     def config(self) -> dict[str, Any]:
@@ -262,33 +288,22 @@ class SegGPTBackend(Backend):
             "options": {
                 "dtype": self.dtype_name, "ensemble": self.ensemble, "embedding_type": self.embedding_type,
                 "checkpointing": self.checkpointing, "temperature": self.temperature, "batch_size": self.batch_size,
+                "reference": self.reference, "attention": self.attention, "compile": self.compile,
             },
         }
 
-    # --- preprocessing -----------------------------------------------------------------------------
-    def _normalise(self, x01: torch.Tensor) -> torch.Tensor:
-        return (x01 - self._mean) / self._std
-
+    # --- preprocessing (see .seggpt_codec) ---------------------------------------------------------
     def preprocess_image(self, image: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) RGB in [0, 1] → (3, h, w) normalised model input (bicubic, antialiased; differentiable)."""
-        x = image.to(self.device, torch.float32)
-        if tuple(x.shape[-2:]) != self.input_size:
-            x = F.interpolate(x.unsqueeze(0), size=self.input_size, mode="bicubic", align_corners=False,
-                              antialias=True)[0].clamp(0.0, 1.0)
-        return self._normalise(x)
+        """(3, H, W) RGB in [0, 1] → (3, h, w) normalised model input (float path if it requires grad, else uint8)."""
+        return self.codec.image(image)
 
     def mask_to_rgb(self, mask: torch.Tensor) -> torch.Tensor:
         """(C, H, W) class probabilities → (3, H, W) palette colour in [0, 1] (one-hot: the class colour)."""
-        palette = seggpt_palette(mask.shape[0]).to(self.device) / 255.0
-        return torch.einsum("chw,cd->dhw", mask.to(self.device, torch.float32), palette)
+        return self.codec.mask_to_rgb(mask)
 
     def preprocess_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """(C, H, W) class probabilities → (3, h, w) normalised palette image (nearest resize; differentiable)."""
-        rgb = self.mask_to_rgb(mask)
-        if tuple(rgb.shape[-2:]) != self.input_size:
-            # "nearest-exact" is PIL's NEAREST, which the processor maps masks to
-            rgb = F.interpolate(rgb.unsqueeze(0), size=self.input_size, mode="nearest-exact")[0]
-        return self._normalise(rgb)
+        """(C, H, W) class probabilities → (3, h, w) normalised palette image (float path if it requires grad)."""
+        return self.codec.mask(mask)
 
     def _remember(self, cache: OrderedDict, key: Any, value: Any) -> None:
         cache[key] = value
@@ -300,11 +315,10 @@ class SegGPTBackend(Backend):
             self._cached_bytes -= sum(t.numel() * t.element_size() for t in olds)
 
     def query_input(self, query: Sample) -> torch.Tensor:
-        """Normalised model input of a query image (cached by sample key)."""
+        """Normalised model input of a query image (uint8 path of the reference; cached by sample key)."""
         x = self._queries.get(query.key)
         if x is None:
-            image = torch.from_numpy(query.image).permute(2, 0, 1).float().div_(255.0)
-            x = self.preprocess_image(image)
+            x = self.codec.image(query.image)
             self._remember(self._queries, query.key, x)
         else:
             self._queries.move_to_end(query.key)
@@ -315,14 +329,13 @@ class SegGPTBackend(Backend):
         if isinstance(prompt, Context):
             if prompt.mask.shape[0] != num_classes:
                 raise ConfigError(f"context has {prompt.mask.shape[0]} classes, the task has {num_classes}")
-            return self.preprocess_image(prompt.image), self.preprocess_mask(prompt.mask)
+            return self.codec.image(prompt.image), self.codec.mask(prompt.mask)
         key = (prompt.key, num_classes)
         hit = self._prompts.get(key)
         if hit is not None:
             self._prompts.move_to_end(key)
             return hit
-        image = torch.from_numpy(prompt.image).permute(2, 0, 1).float().div_(255.0)
-        out = (self.preprocess_image(image), self.preprocess_mask(one_hot_mask(prompt.mask, num_classes, self.device)))
+        out = (self.codec.image(prompt.image), self.codec.mask(one_hot_mask(prompt.mask, num_classes)))
         self._remember(self._prompts, key, out)
         return out
 
@@ -338,70 +351,100 @@ class SegGPTBackend(Backend):
         self._cached_bytes = 0
 
     # --- the model call ----------------------------------------------------------------------------
-    def _forward(self, queries: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, feature_ensemble: bool,
-                 labels: torch.Tensor | None = None) -> Any:
-        """One call of the network on stacked rows; returns transformers' output."""
-        kwargs: dict[str, Any] = {}
-        if feature_ensemble:
-            kwargs["feature_ensemble"] = True
-        if labels is not None:
-            n_patches = self.model.model.embeddings.patch_embeddings.num_patches
-            bmp = torch.zeros(queries.shape[0], n_patches, dtype=torch.bool, device=self.device)
-            bmp[:, n_patches // 2:] = True  # the query's mask: what the model paints and the loss scores
-            kwargs["bool_masked_pos"] = bmp
-            kwargs["labels"] = labels.to(self.dtype)
+    def _forward(self, queries: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, sizes: Sequence[int],
+                 labels: torch.Tensor | None = None) -> SegGptOutput:
+        """One call of the network on stacked rows; rows of one prompt set (``sizes``) share a feature ensemble."""
         self.model_calls += 1
         self.model_rows += int(queries.shape[0])
-        return self.model(pixel_values=queries.to(self.dtype), prompt_pixel_values=images.to(self.dtype),
-                          prompt_masks=masks.to(self.dtype), embedding_type=self.embedding_type, **kwargs)
+        return self.runner(queries, images, masks, sizes, embedding_type=self.embedding_type, labels=labels)
 
     def query_half(self, pred_masks: torch.Tensor) -> torch.Tensor:
         """(B, 3, 2h, w) model output → (B, 3, h, w) query halves in float32 (normalised space)."""
         return pred_masks[:, :, pred_masks.shape[2] // 2:, :].float()
 
     def decode(self, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
-        """(3, h, w) normalised predicted image → (C, h, w) probabilities (softmax over -distance to the palette)."""
-        rgb = (pred * self._std + self._mean).mul(255.0).clamp(0.0, 255.0) / 255.0
-        palette = seggpt_palette(num_classes).to(pred.device) / 255.0
-        d = ((rgb.unsqueeze(0) - palette.view(-1, 3, 1, 1)) ** 2).sum(1)  # (C, h, w)
-        return torch.softmax(-d / self.temperature, dim=0)
+        """(3, h, w) normalised predicted picture → (C, h, w) probabilities (the reference's mask rule, softened)."""
+        return self.codec.decode(pred, num_classes)
+
+    def reduce_rows(self, halves: torch.Tensor) -> torch.Tensor:
+        """One prompt set's (N, 3, h, w) query halves → its answer: row 0 (official) or the mean of the rows."""
+        return halves[0] if self.reference == "official" else halves.mean(0)
 
     def _resize_probs(self, probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if tuple(probs.shape[-2:]) == tuple(size):
             return probs
         return F.interpolate(probs.unsqueeze(0), size=tuple(size), mode="nearest")[0]
 
-    def _pair_probs(self, pairs: Sequence[tuple[Prompt, Sample]], num_classes: int) -> list[torch.Tensor]:
-        """Model-resolution probabilities of independent (prompt, query) pairs, ``batch_size`` rows per call."""
-        out: list[torch.Tensor] = []
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start:start + self.batch_size]
-            ins = [self.prompt_input(p, num_classes) for p, _ in chunk]
-            q = torch.stack([self.query_input(s) for _, s in chunk])
-            res = self._forward(q, torch.stack([i for i, _ in ins]), torch.stack([m for _, m in ins]), False)
-            out.extend(self.decode(row, num_classes) for row in self.query_half(res.pred_masks))
-        return out
+    def _packed(self, sets: Sequence[PromptSet]) -> list[list[int]]:
+        """Indices of ``sets`` per model call: consecutive sets, at most max(batch_size, largest set) rows a call."""
+        calls: list[list[int]] = []
+        rows = 0
+        for i, (prompts, _, _) in enumerate(sets):
+            if calls and rows + len(prompts) <= self.batch_size:
+                calls[-1].append(i)
+                rows += len(prompts)
+            else:
+                calls.append([i])
+                rows = len(prompts)
+        return calls
 
-    def _ensemble_probs(self, prompts: Sequence[Prompt], query: Sample, num_classes: int) -> torch.Tensor:
-        """Model-resolution probabilities of a query under SegGPT's feature ensemble of all prompts."""
-        ins = [self.prompt_input(p, num_classes) for p in prompts]
-        n = len(prompts)
-        q = self.query_input(query).unsqueeze(0).expand(n, -1, -1, -1)
-        res = self._forward(q, torch.stack([i for i, _ in ins]), torch.stack([m for _, m in ins]), n > 1)
-        return self.decode(self.query_half(res.pred_masks).mean(0), num_classes)  # all N rows, not row 0
+    def _set_probs(self, sets: Sequence[PromptSet], ensemble: bool) -> list[torch.Tensor]:
+        """Model-resolution probabilities of (prompts, query, num_classes) sets, one map per set.
+
+        With ``ensemble`` a set of N > 1 prompts is one feature-ensemble group of
+        N rows; without it, every set must hold one prompt.
+        """
+        out: list[torch.Tensor] = []
+        for call in self._packed(sets):
+            chunk = [sets[i] for i in call]
+            images, masks, queries = [], [], []
+            for prompts, query, k in chunk:
+                if not ensemble and len(prompts) != 1:
+                    raise ValueError("independent rows take one prompt per set")
+                x = self.query_input(query)
+                for p in prompts:
+                    image, mask = self.prompt_input(p, k)
+                    images.append(image)
+                    masks.append(mask)
+                    queries.append(x)
+            sizes = [len(prompts) for prompts, _, _ in chunk]
+            res = self._forward(torch.stack(queries), torch.stack(images), torch.stack(masks), sizes)
+            halves = self.query_half(res.pred_masks)
+            start = 0
+            for (prompts, _, k), n in zip(chunk, sizes):
+                out.append(self.decode(self.reduce_rows(halves[start:start + n]), k))
+                start += n
+        return out
 
     def predict(self, prompts: Sequence[Prompt], queries: Sequence[Sample], num_classes: int | None = None) -> list[torch.Tensor]:
         """Per query, (C, H, W) probabilities at its resolution (see "Several prompts" in the module docstring)."""
         if not prompts:
             raise ConfigError("a prediction needs at least one prompt")
         k = num_classes or infer_num_classes(prompts)
-        if self.ensemble == "feature" and len(prompts) > 1:
-            return [self._resize_probs(self._ensemble_probs(prompts, q, k), q.size) for q in queries]
-        pairs = [(p, q) for q in queries for p in prompts]
-        probs = self._pair_probs(pairs, k)
+        if self.ensemble == "feature" and len(prompts) > 1:  # one call of N rows per query
+            return [self._resize_probs(self._set_probs([(prompts, q, k)], True)[0], q.size) for q in queries]
+        probs = self._set_probs([([p], q, k) for q in queries for p in prompts], False)
         n = len(prompts)
         return [self._resize_probs(torch.stack(probs[i * n:(i + 1) * n]).mean(0), q.size)
                 for i, q in enumerate(queries)]
+
+    def predict_sets(self, prompt_sets: Sequence[Sequence[Prompt]], query: Sample,
+                     num_classes: int | None = None) -> list[torch.Tensor]:
+        """``predict(ps, [query])[0]`` for every prompt set, several sets per model call (feature ensemble).
+
+        Each set is its own group of rows, its ensemble averages taken within
+        the group, so every answer equals the one-set call's (up to float
+        rounding of batched kernels); calls hold at most ``max(batch_size,
+        largest set)`` rows.
+        """
+        if self.ensemble != "feature":
+            return super().predict_sets(prompt_sets, query, num_classes)
+        sets = []
+        for ps in prompt_sets:
+            if not ps:
+                raise ConfigError("a prediction needs at least one prompt")
+            sets.append((list(ps), query, num_classes or infer_num_classes(ps)))
+        return [self._resize_probs(p, query.size) for p in self._set_probs(sets, True)]
 
     # --- output-level statistics -------------------------------------------------------------------
     def pair_stats(self, prompt: Prompt, query: Sample, num_classes: int) -> Stats:
@@ -410,7 +453,8 @@ class SegGPTBackend(Backend):
         Exact for ``ensemble="output"``; for ``"feature"`` a proxy that ignores the
         prompts' interaction (used by forward selection only to shortlist).
         """
-        return {"sum": self._pair_probs([(prompt, query)], num_classes)[0], "count": torch.ones((), device=self.device)}
+        probs = self._set_probs([([prompt], query, num_classes)], False)[0]
+        return {"sum": probs, "count": torch.ones((), device=self.device)}
 
     def merge_stats(self, a: Stats, b: Stats) -> Stats:
         return {"sum": a["sum"] + b["sum"], "count": a["count"] + b["count"]}
@@ -422,10 +466,10 @@ class SegGPTBackend(Backend):
     def tuning_loss(self, prompts: Sequence[Context], queries: Sequence[Sample], num_classes: int) -> torch.Tensor:
         """SegGPT's smooth-L1 on the query's (masked) mask patches, averaged over prompts, then over queries.
 
-        Each query is run with all prompts (feature ensemble when that is the mode
-        and N > 1; independent rows otherwise), its label given as the palette
-        image of its mask (ignored pixels black) and ``bool_masked_pos`` one row
-        per prompt, so the loss is a mean over prompts rather than a sum.
+        Each query is run with all prompts (one feature-ensemble set when that is
+        the mode and N > 1; independent rows otherwise), its label given as the
+        palette image of its mask (ignored pixels black) with one masked row per
+        prompt, so the loss is a mean over prompts rather than a sum.
         """
         if not prompts:
             raise ConfigError("context tuning needs at least one prompt")
@@ -433,11 +477,12 @@ class SegGPTBackend(Backend):
         images = torch.stack([i for i, _ in ins])
         masks = torch.stack([m for _, m in ins])
         n = len(prompts)
+        sizes = [n] if self.ensemble == "feature" else [1] * n
         losses = []
         for q in queries:
-            label = self.preprocess_mask(one_hot_mask(q.mask, num_classes, self.device)).unsqueeze(0).expand(n, -1, -1, -1)
+            label = self.codec.mask(one_hot_mask(q.mask, num_classes)).unsqueeze(0).expand(n, -1, -1, -1)
             x = self.query_input(q).unsqueeze(0).expand(n, -1, -1, -1)
-            res = self._forward(x, images, masks, self.ensemble == "feature" and n > 1, labels=label)
+            res = self._forward(x, images, masks, sizes, labels=label)
             losses.append(res.loss.float())
         return torch.stack(losses).mean()
 
@@ -465,9 +510,9 @@ class SegGPTBackend(Backend):
             calls, rows, peaks = self.model_calls, self.model_rows, []
             for r in (1, 2):
                 x = torch.zeros(r, 3, *self.input_size, device=self.device)
-                fe = self.ensemble == "feature" and r > 1
+                sizes = [r] if self.ensemble == "feature" else [1] * r
                 with torch.no_grad():
-                    peaks.append(cuda_peak_bytes(lambda: self._forward(x, x, x, fe), self.device))
+                    peaks.append(cuda_peak_bytes(lambda: self._forward(x, x, x, sizes), self.device))
             self.model_calls, self.model_rows = calls, rows
             self._profile[key] = (2 * peaks[0] - peaks[1], peaks[1] - peaks[0])
         return self._profile[key]

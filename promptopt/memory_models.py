@@ -423,6 +423,24 @@ def seggpt_tuning_memory(
 
 # --- PerSAM ----------------------------------------------------------------------------------------------
 
+#: The image encoders of the released SAM checkpoints (facebook/sam-vit-base, -large, -huge); the
+#: rest of ``SamConfig``'s defaults is shared by all three (``SamVisionConfig()`` is ViT-B).
+RELEASED_SAM_VISION = {
+    "vit-b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]),
+    "vit-l": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, global_attn_indexes=[5, 11, 17, 23]),
+    "vit-h": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, global_attn_indexes=[7, 15, 23, 31]),
+}
+
+
+def released_sam_config(kind: str) -> Any:
+    """``SamConfig`` of a released SAM size ("vit-b", "vit-l", "vit-h")."""
+    from transformers import SamConfig
+
+    if kind not in RELEASED_SAM_VISION:
+        raise ConfigError(f"SAM size must be one of {', '.join(RELEASED_SAM_VISION)}, got {kind!r}")
+    return SamConfig(vision_config=dict(RELEASED_SAM_VISION[kind]))
+
+
 @dataclass(frozen=True)
 class SamShape:
     """The sizes of a SAM configuration that PerSAM's memory depends on (from ``SamConfig``)."""
@@ -531,6 +549,7 @@ def persam_memory(
 
 
 __all__ = [
-    "ANALYTIC_MARGIN", "CUDA_WORKSPACE_BYTES", "MemoryEstimate", "SamShape", "SegGptShape", "dtype_bytes",
-    "dtype_name", "persam_memory", "seggpt_inference_memory", "seggpt_tuning_memory",
+    "ANALYTIC_MARGIN", "CUDA_WORKSPACE_BYTES", "MemoryEstimate", "RELEASED_SAM_VISION", "SamShape", "SegGptShape",
+    "dtype_bytes", "dtype_name", "persam_memory", "released_sam_config", "seggpt_inference_memory",
+    "seggpt_tuning_memory",
 ]

@@ -17,27 +17,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import SamConfig, SamVisionConfig, SegGptConfig
+from transformers import SamVisionConfig, SegGptConfig
 
 from promptopt.errors import BudgetError, ConfigError
 from promptopt.memory import CudaPeakProfiler, ProfileKey, out_of_memory_as_budget_error
 from promptopt.memory_models import (
-    SamShape, SegGptShape, persam_memory, seggpt_inference_memory, seggpt_tuning_memory,
+    RELEASED_SAM_VISION as SAM_VIT, SamShape, SegGptShape, persam_memory, released_sam_config as sam_config,
+    seggpt_inference_memory, seggpt_tuning_memory,
 )
 
 H100 = json.loads((Path(__file__).parent / "data" / "h100-2026-11-25.json").read_text())
 QUERY_HW = tuple(int(v) for v in re.search(r"image_size_hw = \[(\d+), (\d+)\]", H100["data"]).groups())
 H100_BYTES = 80 * 2**30  # what an "OOM" row did not fit in
 SEGGPT = SegGptConfig()
-SAM_VIT = {  # the vision encoders of facebook/sam-vit-base, -large, -huge
-    "vit-b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]),
-    "vit-l": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, global_attn_indexes=[5, 11, 17, 23]),
-    "vit-h": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, global_attn_indexes=[7, 15, 23, 31]),
-}
-
-
-def sam_config(kind: str) -> SamConfig:
-    return SamConfig(vision_config=SAM_VIT[kind])
 
 
 def assert_bound(estimate: int, peak: int, what: str) -> None:
@@ -330,3 +322,81 @@ def test_oom_guard_frees_what_the_failed_step_held():
             step()
     gc.collect()
     assert ref is not None and ref() is None and "tuning step 7" in str(info.value)
+
+
+# --- benchmarks/gpu_memory.py without a GPU ---------------------------------------------------------------
+
+def _gpu_memory_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_memory.py"
+    spec = importlib.util.spec_from_file_location("gpu_memory_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_plans_the_rows_of_the_h100_file():
+    """gpu_memory.py regenerates the same rows (each with an analytic estimate) as the H100 file holds."""
+    bench = _gpu_memory_module()
+    p = bench.plan(QUERY_HW)
+    for dt in ("float32", "bfloat16"):
+        assert [r["k"] for r in p["seggpt_inference_feature_ensemble"][dt]] == \
+            [r["k"] for r in H100["seggpt_inference_feature_ensemble"][dt]]
+    key = lambda r, *f: tuple(r[x] for x in f)  # noqa: E731
+    grid = ("dtype", "ensemble", "k")
+    assert sorted(key(r, *grid) for r in p["seggpt_inference_bench_grid"]) == sorted(key(r, *grid) for r in GRID)
+    tune = ("dtype", "checkpointing", "contexts", "batch_size")
+    assert sorted(key(r, *tune) for r in p["seggpt_context_tuning_one_step"]["rows"]) == \
+        sorted(key(r, *tune) for r in TUNING)
+    assert sorted(key(r, "model", "dtype", "k") for r in p["persam_predict"]) == \
+        sorted(key(r, "model", "dtype", "k") for r in PREDICT)
+    tuned = {key(r, *tune): r["analytic"] for r in p["seggpt_context_tuning_one_step"]["rows"]}
+    for r in TUNING:
+        if r["peak"] != "OOM":
+            assert_bound(tuned[key(r, *tune)], r["peak"], "planned " + _row_id(r))
+
+
+def test_benchmark_harness_runs_end_to_end_on_cpu_with_tiny_models(monkeypatch, sample_root):
+    """The measuring code drives the real backends (tiny random-init models, a stand-in for the CUDA counter)."""
+    from transformers import SamConfig
+
+    from promptopt.backends.seggpt import tiny_config
+    from promptopt.data import Sample, scan_category
+
+    bench = _gpu_memory_module()
+    monkeypatch.setattr(bench, "DTYPES", ("float32",))  # bfloat16 matmuls are slow on CPUs; the code path is the same
+    monkeypatch.setattr(bench, "FEATURE_KS", (1, 2))
+    monkeypatch.setattr(bench, "GRID_KS", (1, 3))
+    monkeypatch.setattr(bench, "TUNING_SHAPES", ((1, 1), (2, 2)))
+    monkeypatch.setattr(bench, "PERSAM_KS", (1,))
+    # real camel frames, downscaled 4x to keep the CPU run short
+    frames = [Sample(s.id, "camel", image=s.image[::4, ::4].copy(), mask=s.mask[::4, ::4].copy())
+              for s in sorted(scan_category(sample_root / "camel", "camel"), key=lambda s: s.id)[:5]]
+    tiny_sam = SamConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8,
+                           window_size=4, global_attn_indexes=[1], output_channels=32, num_pos_feats=16, mlp_dim=64),
+        prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32))
+    calls = []
+
+    def fake_peak(fn, device):
+        fn()
+        calls.append(device)
+        return 10 ** 9
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only contend
+    try:
+        out = bench.run("cpu", fake_peak, seggpt_config=tiny_config(), sam_configs={"tiny": tiny_sam},
+                        frames=(frames[:-1], frames[-1]))
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["peak"] for r in out["seggpt_inference_feature_ensemble"]["float32"]] == [10 ** 9, 10 ** 9]
+    assert "bfloat16" not in out["seggpt_inference_feature_ensemble"]
+    assert all(r["peak_bytes"] == 10 ** 9 and r["analytic_error"] is not None for r in out["seggpt_inference_bench_grid"])
+    assert all(r["peak"] == 10 ** 9 for r in out["seggpt_context_tuning_one_step"]["rows"])
+    assert all(r["peak_cold"] == r["peak_cached"] == 10 ** 9 for r in out["persam_predict"])
+    assert len(calls) == 2 + 2 * 2 + 2 * 2 + 2  # feature k's, grid rows, tuning rows, persam cold + cached
+    assert "| SegGPT context tuning, one step | 4 |" in bench.table(out)
+    json.dumps(out)  # the file is plain JSON

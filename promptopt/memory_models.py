@@ -18,9 +18,18 @@ workspace and one extra float32 attention-sized buffer during the recomputed
 softmax backward. The sum is multiplied by ``1 + ANALYTIC_MARGIN`` for
 allocator rounding (the caching allocator hands out whole blocks: a request can
 be given up to 1 MiB more than asked) and small tensors left out. On the H100
-file the results are 0.3–9.5 % above the measured peaks of SegGPT inference and
-context tuning (the test suite checks every row). For PerSAM they cover the
-backend's own memory; see :func:`persam_memory` for the measured rows.
+file every SegGPT figure is 1.1–6.5 % above the measured peak (inference 1.1–4.0 %,
+context tuning 3.2–6.5 %; the two out-of-memory rows come out at 109 and 125 GB),
+and PerSAM's 1.4–8.6 % above the peaks of ``bench_persam``; the test suite checks
+every row. The ``persam_predict`` rows hold memory PerSAM did not allocate (see
+:func:`persam_memory`).
+
+The lists of live tensors were checked with an op-level count on fake CUDA /
+meta tensors (every storage created by an aten op, alive until its last
+reference goes): through the backend it matches the measured per-row cost of
+inference to 0.2 % (k = 1…4: 1 095.0 vs 1 096.6 MB per row in float32, 861.8
+vs 861.6 in bfloat16), and the measured peaks sit 35–37 MB above it whatever k
+(the workspace term below).
 
 Every function returns a :class:`MemoryEstimate`; ``.total`` is the number to
 compare with a budget, ``.terms`` the breakdown (bytes before the margin).
@@ -30,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -46,8 +55,12 @@ MiB = 1 << 20
 CUDA_WORKSPACE_BYTES = 40 * MiB
 
 #: Relative headroom on every analytic figure: the caching allocator rounds requests up (to 512 B,
-#: and a cached block at most 1 MiB larger than asked is handed out whole), and tensors below a
-#: few MB (LayerNorm statistics, index tensors, RNG state) are not listed term by term.
+#: and a cached block at most 1 MiB larger than asked is handed out whole), tensors below a few MB
+#: (LayerNorm statistics, index tensors, RNG state) are not listed term by term, and a caller may
+#: hold memory it does not pass as ``resident_bytes``. The margin is load-bearing: without it the
+#: H100 rows come out up to 1.8 % below their peaks (the inference rows were measured with 40-55 MB
+#: of other preprocessed images cached; bench_persam's ViT-H float32 pair peak is 67 MB above
+#: ViT-B's although the decoder is the same).
 ANALYTIC_MARGIN = 0.03
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -63,7 +76,6 @@ class MemoryEstimate:
     terms: Mapping[str, int]
     margin: float = ANALYTIC_MARGIN
     note: str = ""
-    kind: str = field(default="analytic estimate")
 
     @property
     def subtotal(self) -> int:
@@ -131,7 +143,11 @@ def _meta_parameter_count(model_type: str, config_json: str) -> int:
 
 
 def _check_count(name: str, value: int, minimum: int = 1) -> int:
-    if int(value) != value or int(value) < minimum:
+    try:
+        ok = int(value) == value and int(value) >= minimum
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ConfigError(f"memory model: {name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
@@ -344,9 +360,12 @@ def seggpt_tuning_memory(
     per step, each query one forward of N rows whose graph is kept until the
     single backward; ``checkpointing``: encoder layers recomputed in backward;
     ``image_size_hw`` the training images' (H, W), ``context_hw`` the learnable
-    tensors' (default the same). ``attention="sdpa"`` returns the eager figure
-    (see :func:`seggpt_inference_memory`; SDPA keeps no score-sized softmax for
-    backward, so eager bounds it; not measured).
+    tensors' (default the same). ``attention="sdpa"`` returns the eager figure,
+    an upper bound (not measured): per layer SDPA keeps the additive
+    relative-position mask in the model dtype and, in its math fallback, one
+    softmax — no more than eager's float32 softmax plus its bfloat16 copy; its
+    backward materialises the mask's gradient where eager holds three float32
+    score tensors.
 
     Terms:
 
@@ -512,11 +531,14 @@ def persam_memory(
       input frame (similarity, point picking).
     * ``outputs``: the (C, H, W) class probabilities and their interpolation.
 
-    On the H100 file these figures are 1–7 % above the peaks ``bench_persam``
-    measured for ViT-B/H (encoder and decoder), but the ``persam_predict`` rows
-    sit another 0.79–0.86 GB higher, the same amount cold and cached, for every
-    model size and dtype: memory the measuring process held that PerSAM did not
-    allocate (see ``tests/test_memory_models.py``). Pass such memory as
+    On the H100 file these figures are 1.4–8.6 % above the peaks ``bench_persam``
+    measured for ViT-B/H (encoding 8 images; PerSAM pairs with 8 embeddings
+    cached). The ``persam_predict`` rows of the same backend, models and dtypes
+    sit 0.82–0.86 GB higher still, by the same amount cold and cached (to
+    within 1.5 MB): memory the measuring process held that PerSAM did not
+    allocate (``tests/test_memory_models.py`` derives it from the file). With
+    it passed as ``resident_bytes`` the figures are 1.8–5.9 % above those rows;
+    without it they are 11–74 % below. Pass whatever else the device holds as
     ``resident_bytes``.
     """
     s = SamShape.of(model_or_config)

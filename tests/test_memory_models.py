@@ -205,13 +205,17 @@ def test_a_model_instance_counts_its_own_parameters():
 
     model = SegGptForImageSegmentation(tiny_config())
     est = seggpt_inference_memory(model, dtype="float32", k=1)
-    assert est.terms["weights"] == 4 * sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters())
+    assert est.terms["weights"] == 4 * params
+    assert SegGptShape.of(tiny_config()).params == params  # a config alone: counted on an empty meta-device model
     assert int(est) == est.total > est.subtotal and "weights" in est.describe()
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dtype="float64", k=1), "dtype"),
     (dict(dtype="float32", k=0), "k must be"),
+    (dict(dtype="float32", k="three"), "k must be"),
+    (dict(dtype="float32", k=2.5), "k must be"),
     (dict(dtype="float32", k=1, ensemble="mean"), "ensemble"),
     (dict(dtype="float32", k=1, attention="flash"), "attention"),
     (dict(dtype="float32", k=1, image_size_hw=(0, 10)), "image_size_hw"),

@@ -90,11 +90,12 @@ def cuda_peak_increment(fn: Callable[[], object], device: torch.device | str = "
 
 
 #: Headroom on a profiled increment. The same call on the same input allocates the same tensors in
-#: the same order, so its peak only moves with the allocator's block reuse: the caching allocator
-#: hands out a cached block whole when it is less than 1 MiB larger than the request, so each block
-#: alive at the peak may count up to 1 MiB more than when profiled. SegGPT's largest profiled steps
-#: hold 50-100 large blocks at their peak (0.05-0.1 GB of possible drift on 5-60 GB, < 2 %); on the
-#: H100 the same call measured in two process states differed by at most 0.6 %.
+#: the same order, so its increment only moves with the allocator's block reuse: the caching
+#: allocator hands out a cached block whole when it is less than 1 MiB larger than the request, so
+#: each block alive at the peak may count up to 1 MiB more than when profiled — tens of MB on steps
+#: of several GB. On the H100 the same SegGPT call measured in two process states differed by at
+#: most 1 % (17 MB), and that was resident memory (other cached inputs), which the profiler adds
+#: at the time of asking rather than through the margin.
 PROFILE_MARGIN = 0.02
 
 

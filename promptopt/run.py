@@ -51,7 +51,7 @@ from .artifacts import (atomic_write_bytes, atomic_write_json, atomic_write_text
 from .backends.base import Backend, BackendSpec
 from .data import Sample
 from .errors import ConfigError, DataError
-from .memory import format_bytes, parse_bytes
+from .memory import format_bytes, out_of_memory_as_budget_error, parse_bytes
 from .oracle import ValidationOracle, prediction_to_labels
 from .report import figures_and_command, fmt, markdown_table, write_report
 from .strategies.base import ProgressFn, PromptStrategy
@@ -333,17 +333,20 @@ def run_strategy(
     val, test = task.oracles(be)
     main = make_strategy(strategy, val, memory_budget=budget, checkpoint=run.checkpoint("strategy"),
                          progress=progress, **options)
-    main.fit(task.pool)
+    with out_of_memory_as_budget_error(f"strategy {strategy!r}", main.memory_for(1), budget):
+        main.fit(task.pool)
     k = main.k if main.per_query else len(main.selected_)  # type: ignore[attr-defined]
     budget_calls = max(1, main.n_evaluations_)
 
     def fit_baseline(name: str) -> dict[str, Any]:
         b = make_strategy(name, val, strict=False, k=k, n_trials=budget_calls, seeds=random_seeds,
-                          memory_budget=budget, progress=progress).fit(task.pool)
-        return {**_entry(b, val, test), "k": k}
+                          memory_budget=budget, progress=progress)
+        with out_of_memory_as_budget_error(f"baseline {name!r} (k={k})", b.memory_for(k), budget):
+            return {**_entry(b.fit(task.pool), val, test), "k": k}
 
     results = {name: run.step(f"baseline/{name}", lambda name=name: fit_baseline(name)) for name in baselines}
-    entry = _entry(main, val, test)
+    with out_of_memory_as_budget_error("scoring on the test split", main.memory_for(k), budget):
+        entry = _entry(main, val, test)
     summary = main.summary()
     result = {
         "kind": "strategy",

@@ -164,3 +164,30 @@ def test_sigkill_mid_run_then_the_same_command_gives_the_uninterrupted_result(co
         return doc
 
     assert numbers(tmp_path / "run") == numbers(tmp_path / "ref")
+
+
+def test_a_cuda_out_of_memory_becomes_one_line_and_the_run_stays_resumable(blob_dataset: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OOM the estimate did not foresee (another process took the GPU) names the step and the budget; the
+    finished steps are kept and the same command finishes the run with the uninterrupted answer."""
+    import torch
+
+    from promptopt.backends.features import FeaturesBackend
+
+    task = _task(blob_dataset)
+    reference = _select(task, tmp_path / "reference", memory_budget="1GiB")
+    real = FeaturesBackend.pair_stats
+    calls = {"n": 0}
+
+    def flaky(self, prompt, query, num_classes):
+        calls["n"] += 1
+        if calls["n"] == 30:  # inside the baselines, after forward selection has finished
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, prompt, query, num_classes)
+
+    monkeypatch.setattr(FeaturesBackend, "pair_stats", flaky)
+    with pytest.raises(BudgetError, match=r"out of GPU memory during (strategy|baseline|scoring).*budget 1\.0 GiB"):
+        _select(task, tmp_path / "run", memory_budget="1GiB")
+    assert (tmp_path / "run" / "state.json").is_file() and not (tmp_path / "run" / "result.json").exists()
+    monkeypatch.setattr(FeaturesBackend, "pair_stats", real)
+    assert _select(task, tmp_path / "run", memory_budget="1GiB") == reference

@@ -68,7 +68,9 @@ class ForwardSelector(PromptStrategy):
         oracle = self.oracle
         if self.shortlist is None or oracle.uses_pair_cache or len(candidates) <= self.shortlist:
             scores: dict[str, float] = {}
-            chunk = max(1, len(candidates) // 8)  # a few chunks, so progress bars move within a step
+            # pair-cached scores cost the same in any grouping: a few chunks let progress bars move within a
+            # step; a model-combining backend gets the whole step at once, so it can batch sets per model call
+            chunk = max(1, len(candidates) // 8) if oracle.uses_pair_cache else len(candidates)
             for i in range(0, len(candidates), chunk):
                 part = candidates[i:i + chunk]
                 scores.update({c.id: r.miou for c, r in zip(part, oracle.score_additions(selected, part))})

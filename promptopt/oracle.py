@@ -169,15 +169,21 @@ class ValidationOracle:
         key = (prompt.key, query.key) if prompt.key is not None else None
         if self.cache and key is not None and key in self._pairs:
             self._counters.pair_hits += 1
-            return self._pairs[key]
+            return self._on_device(self._pairs[key])
         with torch.no_grad():
             st = self.backend.pair_stats(prompt, query, self.num_classes)
         self._counters.forwards += 1
         if self.progress:
             self.progress(1)
         if self.cache and key is not None:
-            self._pairs[key] = st
+            # kept in host memory when the backend computes on an accelerator: the cache grows with
+            # pool x images and is not part of the backend's memory estimate
+            self._pairs[key] = st if self.backend.device.type == "cpu" else {k: v.cpu() for k, v in st.items()}
         return st
+
+    def _on_device(self, st: Stats) -> Stats:
+        dev = self.backend.device
+        return st if dev.type == "cpu" else {k: v.to(dev, non_blocking=True) for k, v in st.items()}
 
     def _confusion(self, probs: torch.Tensor, sample: Sample) -> np.ndarray:
         return confusion_matrix(prediction_to_labels(probs), sample.mask, self.num_classes, self.ignore_index)

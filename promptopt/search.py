@@ -179,6 +179,7 @@ class PromptSearch:
             sel = make_strategy(strategy, oracle, strict=False, memory_budget=self.memory_budget,
                                 progress=self.progress, on_step=report, seed=trial.number, **options).fit(self.task.pool)
         except BudgetError as exc:
+            trial.set_user_attr("pruned_reason", f"does not fit the memory budget: {exc}")
             raise optuna.TrialPruned(f"does not fit the memory budget: {exc}") from None
         folder = self.run_dir / "trials" / f"{trial.number:04d}"
         path = sel.save_prompt(folder, category=self.task.category)

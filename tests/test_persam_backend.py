@@ -448,3 +448,38 @@ def test_min_score_thresholds_sams_predicted_iou(sam_dir, blobs):
     below = PerSAMBackend.from_pretrained(sam_dir, min_score=score - 1e-3)
     assert torch.equal(below.pair_stats(ref, q, 2)["sum"], plain.pair_stats(ref, q, 2)["sum"])
     assert below.config()["options"]["min_score"] == pytest.approx(score - 1e-3)  # an ordinary, saved option
+
+
+def test_memory_figure_is_the_calibrated_model_cold_and_the_cuda_path_profiles_the_exact_call(sam_dir, blobs):
+    """Off CUDA: memory_models' cold PerSAM figure with the embedding cache at its cap (independent of what is
+    cached). The CUDA path (measurement replaced) runs the exact uncached predict once per k and leaves no
+    cached embedding, target or counter behind."""
+    from promptopt.memory import PROFILE_MARGIN
+    from promptopt.memory_models import persam_memory
+
+    be = PerSAMBackend.from_pretrained(str(sam_dir))
+    expected = persam_memory(be.model, dtype=torch.float32, k=3, image_size_hw=(480, 854), cached=False,
+                             resident_bytes=be.cache_bytes).total
+    assert be.memory_bytes(3, (480, 854)) == expected
+    be.prepare(blobs[:2])
+    assert be.memory_bytes(3, (480, 854)) == expected
+    before = (dict(be._images), be.encoder_calls, be.decoder_calls)
+    ran, encoder = [], be.model.get_image_embeddings
+
+    def counting(*args, **kwargs):
+        ran.append(1)
+        return encoder(*args, **kwargs)
+
+    be.model.get_image_embeddings = counting
+
+    def measure(fn, device):
+        fn()
+        return 5000
+
+    peak = be._profiled_peak(2, (40, 56), measure=measure)
+    weights = sum(p.numel() * p.element_size() for p in be.model.parameters())
+    assert peak == weights + be.cache_bytes + int(np.ceil(5000 * (1 + PROFILE_MARGIN)))
+    assert len(ran) == 3  # two references and the query were encoded: a cold call
+    be._profiled_peak(2, (40, 56))
+    assert be._profiler.measurements == 1
+    assert (dict(be._images), be.encoder_calls, be.decoder_calls) == before

@@ -250,14 +250,48 @@ def test_bad_options_are_one_line_errors(backend, option, value, needle):
         SegGPTBackend(backend.model, **{option: value})
 
 
-def test_memory_estimate_grows_with_prompts(checkpoint):
-    feat = SegGPTBackend.from_pretrained(checkpoint)
+def test_memory_estimate_is_the_calibrated_model_of_the_largest_call(checkpoint):
+    """Off CUDA the figure is memory_models' (calibrated on the H100) for the largest call the backend makes:
+    grouped feature-ensemble sets fill batch_size rows; output-ensemble maps grow with k; the input cache
+    counts at its cap so the figure never depends on what happens to be cached."""
+    from promptopt.memory_models import seggpt_inference_memory
+
+    feat = SegGPTBackend.from_pretrained(checkpoint)  # batch_size 4
     out = SegGPTBackend.from_pretrained(checkpoint, ensemble="output", batch_size=2)
     assert feat.memory_kind == "analytic estimate"
-    m = [feat.memory_bytes(k, (480, 854)) for k in (1, 2, 4, 8)]
-    assert m[0] > 0 and all(b > a for a, b in zip(m, m[1:]))
-    assert m[3] - m[2] == pytest.approx(2 * (m[2] - m[1]), rel=1e-6)  # linear in k
-    assert out.memory_bytes(2) == out.memory_bytes(16)  # bounded by batch_size rows
+    m = {k: feat.memory_bytes(k, (480, 854)) for k in (1, 2, 4, 8)}
+    assert m[1] == m[2] == m[4] < m[8]  # up to batch_size rows per call whatever k
+    assert m[8] == seggpt_inference_memory(feat.model, dtype=torch.float32, k=8, image_size_hw=(480, 854),
+                                           attention="sdpa", resident_bytes=feat.cache_bytes).total
+    assert out.memory_bytes(16) > out.memory_bytes(2)  # k averaged maps, batch_size rows
+    feat.prepare(load_dataset(pytest.importorskip("promptopt.data").bundled_sample_root(), category="dog").samples()[:3])
+    assert feat.memory_bytes(8, (480, 854)) == m[8]
+
+
+@pytest.mark.parametrize("tuning", [False, True])
+def test_cuda_figure_profiles_the_exact_call_once_per_shape(checkpoint, tuning):
+    """The CUDA path (run here with the measurement replaced) profiles the exact call — the grouped rows of an
+    inference, or contexts x images of a tuning step with its backward — once per shape, and answers weights
+    + input cache cap + increment x (1 + margin) without counting the profiling as model work."""
+    from promptopt.memory import PROFILE_MARGIN
+
+    be = SegGPTBackend.from_pretrained(checkpoint)
+    runs: list[int] = []
+
+    def measure(fn, device):
+        fn()  # the real call, on the CPU
+        runs.append(be.model_rows)
+        return 1000
+
+    shape = (2, 3) if tuning else 6
+    first = be._profiled_peak(shape, (48, 64), tuning=tuning, measure=measure)
+    assert first == be.weight_bytes + be.cache_bytes + int(np.ceil(1000 * (1 + PROFILE_MARGIN)))
+    assert be._profiled_peak(shape, (48, 64), tuning=tuning) == first and len(runs) == 1  # cached
+    other = (2, 4) if tuning else 7
+    be._profiled_peak(other, (48, 64), tuning=tuning)
+    assert be._profiler.measurements == 2
+    assert be.model_calls == 0 and be.model_rows == 0 and not be._queries  # profiling left no trace
+    assert all(p.grad is None for p in be.model.parameters())
 
 
 def test_oracle_and_forward_selection(checkpoint):

@@ -425,7 +425,7 @@ class PerSAMBackend(Backend):
         min_cover: float | None = None,
         dtype: str | torch.dtype = "float32",
         device: str = "cpu",
-        cache_bytes: int = 4 << 30,
+        cache_bytes: int = 512 << 20,
     ) -> None:
         if model is None:
             raise ConfigError("backend 'persam' needs SAM weights: pass --checkpoint facebook/sam-vit-base "
@@ -926,20 +926,56 @@ class PerSAMBackend(Backend):
         return out
 
     # --- memory ------------------------------------------------------------------------------------------
+    @property
+    def memory_kind(self) -> str:
+        return "profiled" if self.device.type == "cuda" else "analytic estimate"
+
     def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None) -> int:
-        """Analytic estimate of one prediction's peak: weights, the encoder's activations for one image
-        (attention matrices of a global layer included), cached embeddings of the query and every
-        reference, the decoder's activations and the output probabilities."""
-        vc = self.model.config.vision_config
-        dc = self.model.config.mask_decoder_config
-        elt = torch.finfo(self.dtype).bits // 8
-        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        n = (self.input_size // int(vc.patch_size)) ** 2
-        enc = elt * (n * vc.hidden_size * (6 + int(vc.mlp_ratio)) + vc.num_attention_heads * n * n)
-        emb = elt * int(vc.output_channels) * self.grid * self.grid
-        g4 = (4 * self.grid) ** 2
-        dec = elt * (dc.num_attention_heads * 8 * self.grid ** 2 * 2 + (dc.hidden_size // 4 + dc.hidden_size // 8) * g4
-                     + 4 * self.input_size ** 2) + 4 * 4 * g4
-        H, W = image_size or (self.input_size, self.input_size)
-        out = 4 * 2 * H * W * 3
-        return int(params + enc + emb * (1 + num_prompts) + dec + out)
+        """Peak device memory of one prediction with ``num_prompts`` references, an image being encoded.
+
+        The embedding cache counts at its cap (``cache_bytes``), so the figure does not
+        depend on what happened to be cached. On CUDA the exact call (``num_prompts``
+        references and one query of ``image_size``, embeddings not cached) is profiled
+        once per device, dtype, mode, size and k (:class:`~promptopt.memory.CudaPeakProfiler`);
+        elsewhere the analytic :func:`~promptopt.memory_models.persam_memory` (cold).
+        """
+        from ..memory_models import persam_memory
+
+        hw = tuple(image_size or (self.input_size, self.input_size))
+        k = max(1, int(num_prompts))
+        if self.device.type == "cuda":
+            return self._profiled_peak(k, hw)
+        return persam_memory(self.model, dtype=self.dtype, k=k, image_size_hw=hw, cached=False,
+                             resident_bytes=self.cache_bytes).total
+
+    def _profiled_peak(self, k: int, image_size: tuple[int, int], measure: Any = None) -> int:
+        """Weights + embedding cache at its cap + the measured increment of the exact call."""
+        from ..memory import CudaPeakProfiler, ProfileKey
+
+        if getattr(self, "_profiler", None) is None or measure is not None:
+            kw = {"measure": measure} if measure is not None else {}
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            self._profiler = CudaPeakProfiler(resident=lambda _device: weights + self.cache_bytes, **kw)
+        mode = (self.reference, self.variant, self.kshot, f"refine={self.refine}", f"instances={self.instances}")
+        key = ProfileKey.of(self.device, self.dtype_name, image_size, mode, k)
+        return self._profiler.peak_bytes(key, lambda: self._exact_call(k, image_size))
+
+    def _exact_call(self, k: int, image_size: tuple[int, int]) -> None:
+        """``predict`` of k references on one query of ``image_size``, none of them cached (then forgotten)."""
+        h, w = image_size
+        rng = np.random.default_rng(0)
+        mask = np.zeros((h, w), dtype=np.int64)
+        mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 1
+        samples = [Sample(f"__profile_{i}", "__profile", image=rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+                          mask=mask) for i in range(k + 1)]
+        counters = (self.encoder_calls, self.decoder_calls, self.trainings)
+        try:
+            self.predict(samples[:k], samples[k:], 2)
+        finally:
+            for smp in samples:
+                st = self._images.pop(smp.key, None)
+                if st is not None:
+                    self._images_bytes -= st.nbytes
+            self._targets = {key: v for key, v in self._targets.items() if not str(key[0]).startswith("__profile")}
+            self.mask_weights = {key: v for key, v in self.mask_weights.items() if not key.startswith("__profile")}
+            self.encoder_calls, self.decoder_calls, self.trainings = counters

@@ -108,7 +108,6 @@ import torch.nn.functional as F
 
 from ..data import Sample
 from ..errors import CheckpointError, ConfigError
-from ..memory import cuda_peak_bytes
 from ..space import Choice
 from .base import Backend, Context, Prompt, Stats, infer_num_classes, one_hot_mask
 from .seggpt_codec import SegGptCodec, seggpt_palette
@@ -173,7 +172,7 @@ class SegGPTBackend(Backend):
         checkpointing: bool = False,
         temperature: float = 0.05,
         batch_size: int = 4,
-        cache_bytes: int = 1 << 30,
+        cache_bytes: int = 256 << 20,
         reference: str = "official",
         attention: str = "sdpa",
         compile: bool | str = False,
@@ -218,7 +217,7 @@ class SegGPTBackend(Backend):
         self._queries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._prompts: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cached_bytes = 0
-        self._profile: dict[tuple, tuple[float, float]] = {}
+        self._profiler = None
         #: model calls and rows pushed through the model (for tests and benchmarks)
         self.model_calls = 0
         self.model_rows = 0
@@ -488,70 +487,107 @@ class SegGPTBackend(Backend):
 
     # --- memory ------------------------------------------------------------------------------------
     def rows(self, num_prompts: int) -> int:
-        """Batch rows of the largest model call when one query is predicted with ``num_prompts`` prompts.
+        """Batch rows of the largest model call made while predicting with ``num_prompts``-prompt sets.
 
-        (Predicting many queries with one prompt, or in output mode, batches up
-        to ``batch_size`` rows across queries.)
+        Feature ensemble: one set is k rows, and :meth:`predict_sets` packs several
+        sets into a call of up to ``batch_size`` rows, so max(k, batch_size). Output
+        ensemble: pairs are batched ``batch_size`` at a time per query, min(k, batch_size).
         """
         k = max(1, int(num_prompts))
-        return k if self.ensemble == "feature" else min(k, self.batch_size)
+        return max(k, self.batch_size) if self.ensemble == "feature" else min(k, self.batch_size)
 
     @property
     def memory_kind(self) -> str:
         return "profiled" if self.device.type == "cuda" else "analytic estimate"
 
-    def _profile_key(self) -> tuple:
-        return (str(self.device), self.dtype_name, self.input_size, self.ensemble)
+    @property
+    def resident_bytes(self) -> int:
+        """What the backend may hold on the device besides one call: its preprocessed-input cache at its cap.
 
-    def profile_memory(self) -> tuple[float, float]:
-        """(intercept, bytes per row) of the CUDA peak, measured at 1 and 2 rows (cached)."""
-        key = self._profile_key()
-        if key not in self._profile:
-            calls, rows, peaks = self.model_calls, self.model_rows, []
-            for r in (1, 2):
-                x = torch.zeros(r, 3, *self.input_size, device=self.device)
-                sizes = [r] if self.ensemble == "feature" else [1] * r
-                with torch.no_grad():
-                    peaks.append(cuda_peak_bytes(lambda: self._forward(x, x, x, sizes), self.device))
-            self.model_calls, self.model_rows = calls, rows
-            self._profile[key] = (2 * peaks[0] - peaks[1], peaks[1] - peaks[0])
-        return self._profile[key]
-
-    def estimate_bytes(self, rows: int, image_size: tuple[int, int] | None = None) -> int:
-        """Analytic peak-memory estimate of one inference call with ``rows`` batch rows (no_grad).
-
-        Weights, plus per row: the two streams (image, mask) of the widest encoder
-        layer before the merge — attention scores and their softmax for every head
-        (T² per head; softmax in float32), qkv / MLP / residual activations — the
-        stored intermediate features, and the decoder's full-resolution maps; plus
-        the output probabilities at ``image_size``. Not a measurement.
+        The cap, not the current fill: an estimate must not depend on what happened to be
+        cached, or a resumed run could decide differently from an uninterrupted one.
         """
-        cfg = self.model.config
-        b = torch.finfo(self.dtype).bits // 8
-        h, w = self.input_size
-        tokens = (2 * h // self.patch_size) * (w // self.patch_size)
-        d, heads = int(cfg.hidden_size), int(cfg.num_attention_heads)
-        mlp = int(cfg.mlp_dim or 4 * d)
-        weights = sum(p.numel() for p in self.model.parameters()) * b
-        attn = heads * tokens * tokens * (2 * b + 4 + (4 if b != 4 else 0))
-        layer = tokens * (6 * d + 3 * d + mlp) * b
-        per_stream = attn + layer
-        inter = tokens * d * len(cfg.intermediate_hidden_state_indices) * b * 2
-        pixels = 2 * h * w
-        decoder = pixels * (2 * int(cfg.decoder_hidden_size) + 3) * b + tokens * self.patch_size**2 * cfg.decoder_hidden_size * b
-        per_row = 2 * per_stream + inter + decoder + 4 * 3 * pixels * 2
-        H, W = image_size or self.input_size
-        out = 4 * 2 * H * W * 2
-        return int(weights + rows * per_row + out)
+        return self.cache_bytes
 
     def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None) -> int:
-        """Peak device memory of one prediction with ``num_prompts`` prompts: profiled on CUDA, else estimated."""
-        r = self.rows(num_prompts)
+        """Peak device memory of predicting one query with ``num_prompts``-prompt sets.
+
+        On CUDA the exact call (:meth:`rows` rows of the model's input size, this
+        ensemble, attention and reference) is profiled the first time it is asked for
+        (:class:`~promptopt.memory.CudaPeakProfiler`, cached per device, dtype, input
+        size, mode and rows, plus its stated margin), on top of the weights and the
+        input cache at its cap. Elsewhere the analytic model
+        :func:`~promptopt.memory_models.seggpt_inference_memory` (calibrated on H100
+        measurements; never below them in the test suite).
+        """
+        from ..memory_models import seggpt_inference_memory
+
+        rows = self.rows(num_prompts)
+        hw = tuple(image_size or self.input_size)
         if self.device.type == "cuda":
-            a, per_row = self.profile_memory()
-            H, W = image_size or self.input_size
-            return int(a + per_row * r + 4 * 2 * H * W * 2)
-        return self.estimate_bytes(r, image_size)
+            return self._profiled_peak(rows, hw)
+        k = rows if self.ensemble == "feature" else max(1, int(num_prompts))
+        return seggpt_inference_memory(self.model, dtype=self.dtype, k=k, image_size_hw=hw, ensemble=self.ensemble,
+                                       batch_size=self.batch_size, attention=self.attention,
+                                       resident_bytes=self.resident_bytes).total
+
+    def tuning_memory_bytes(self, num_contexts: int, image_size: tuple[int, int], batch_size: int) -> int:
+        """Peak of one context-tuning step (``tuning_loss`` on ``batch_size`` images + backward):
+        profiled on CUDA for exactly these contexts × images, else
+        :func:`~promptopt.memory_models.seggpt_tuning_memory` (with or without checkpointing)."""
+        from ..memory_models import seggpt_tuning_memory
+
+        if self.device.type == "cuda":
+            return self._profiled_peak((int(num_contexts), int(batch_size)), tuple(image_size), tuning=True)
+        return seggpt_tuning_memory(self.model, dtype=self.dtype, contexts=num_contexts, batch_size=batch_size,
+                                    checkpointing=self.checkpointing, image_size_hw=tuple(image_size),
+                                    attention=self.attention, resident_bytes=self.resident_bytes).total
+
+    def _profiled_peak(self, shape: int | tuple[int, int], image_size: tuple[int, int], tuning: bool = False,
+                       measure: Any = None) -> int:
+        """Weights + input cache at its cap + the measured increment of the exact call (see :meth:`memory_bytes`).
+
+        ``measure`` replaces the CUDA measurement (tests run the same call on the CPU).
+        """
+        from ..memory import CudaPeakProfiler, ProfileKey
+
+        if getattr(self, "_profiler", None) is None or measure is not None:
+            kw = {"measure": measure} if measure is not None else {}
+            self._profiler = CudaPeakProfiler(resident=lambda _device: self.weight_bytes + self.resident_bytes, **kw)
+        mode = ("tuning" if tuning else "inference", self.ensemble, self.attention, self.reference,
+                f"checkpointing={self.checkpointing}", f"image={image_size[0]}x{image_size[1]}")
+        key = ProfileKey.of(self.device, self.dtype_name, self.input_size, mode, shape)
+        calls, rows = self.model_calls, self.model_rows
+        try:
+            return self._profiler.peak_bytes(key, lambda: self._exact_call(shape, image_size, tuning))
+        finally:
+            self.model_calls, self.model_rows = calls, rows  # profiling is not work the caller asked for
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def _exact_call(self, shape: int | tuple[int, int], image_size: tuple[int, int], tuning: bool) -> None:
+        """The call a memory figure stands for, on zero inputs of the right shapes (nothing is cached)."""
+        h, w = image_size
+        if tuning:
+            n, q = shape  # type: ignore[misc]
+            ctx = [Context(torch.zeros(3, h, w, device=self.device, requires_grad=True),
+                           torch.full((2, h, w), 0.5, device=self.device, requires_grad=True)) for _ in range(n)]
+            queries = [Sample(f"profile-{i}", "", image=torch.zeros(h, w, 3, dtype=torch.uint8).numpy(),
+                              mask=torch.zeros(h, w, dtype=torch.long).numpy()) for i in range(q)]
+            saved = (self._queries.copy(), self._cached_bytes)
+            try:
+                self.tuning_loss(ctx, queries, 2).backward()
+            finally:
+                self._queries, self._cached_bytes = saved
+            return
+        x = torch.zeros(int(shape), 3, *self.input_size, device=self.device)  # type: ignore[arg-type]
+        sizes = [int(shape)] if self.ensemble == "feature" else [1] * int(shape)  # type: ignore[arg-type]
+        with torch.no_grad():
+            res = self._forward(x, x, x, sizes)
+            probs = self.decode(self.query_half(res.pred_masks)[0], 2)
+            self._resize_probs(probs, image_size)
 
 
 def tiny_config(**overrides: Any):

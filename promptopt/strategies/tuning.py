@@ -324,6 +324,25 @@ class ContextTuner(PromptStrategy):
         idx = rng.choice(len(train), size=min(self.batch_size, len(train)), replace=False)
         return [train[i] for i in sorted(idx)]
 
+    def _check_budget(self, c: int, image_size: tuple[int, int]) -> None:
+        """Refuse a budget below one tuning step (contexts at most image-sized) with the needed figure."""
+        per_class = self.per_class and c > 2
+        if per_class:
+            n = c - 1
+        elif isinstance(self.init, str):
+            n = self.num_contexts if self.init == "noise" else 1
+        else:
+            n = len(self.init)
+        side = self.context_side or max(image_size)
+        h, w = (min(image_size[0], side), min(image_size[1], side))
+        self.memory_bytes_ = self.tuning_memory_bytes(n, image_size, n * (3 + c) * h * w)
+        if self.budget_bytes_ is not None and self.memory_bytes_ > self.budget_bytes_:
+            raise BudgetError(
+                f"memory budget {format_bytes(self.budget_bytes_)} is too small for context tuning: backend "
+                f"{self.backend.name!r} needs about {format_bytes(self.memory_bytes_)} ({self.backend.memory_kind}) "
+                f"for {n} context(s) and {self.batch_size} training image(s) per step at "
+                f"{image_size[1]}x{image_size[0]} (lower --batch-size or raise the budget)")
+
     def tuning_memory_bytes(self, num_contexts: int, image_size: tuple[int, int], context_numel: int) -> int:
         """Estimated peak of one tuning step: the backend's figure for ``batch_size`` images plus the
         context's parameter, gradient and two Adam moments (float32)."""
@@ -358,6 +377,8 @@ class ContextTuner(PromptStrategy):
         """Learn contexts on the pool without the starting examples; keep the best on the oracle's images."""
         pool = self._check_pool(pool)
         c = self.oracle.num_classes
+        image_size = max((s.size for s in list(pool) + self.oracle.samples), key=lambda hw: hw[0] * hw[1])
+        self._check_budget(c, image_size)  # before any model work, the starting point's choice included
         init, spent = self._start(pool)
         init_keys = {s.key for s in init or []}
         train = [s for s in pool if s.key not in init_keys] or list(pool)
@@ -367,15 +388,6 @@ class ContextTuner(PromptStrategy):
         self.backend.prepare(train)
         params = self._build_params(init, train, c)
         learnable = self._learnable(params)
-        numel = sum(p.image_logits.numel() + p.mask_logits.numel() for p in params)
-        image_size = max((s.size for s in train + self.oracle.samples), key=lambda hw: hw[0] * hw[1])
-        self.memory_bytes_ = self.tuning_memory_bytes(len(params), image_size, numel)
-        if self.budget_bytes_ is not None and self.memory_bytes_ > self.budget_bytes_:
-            raise BudgetError(
-                f"memory budget {format_bytes(self.budget_bytes_)} is too small for context tuning: backend "
-                f"{self.backend.name!r} needs about {format_bytes(self.memory_bytes_)} ({self.backend.memory_kind}) "
-                f"for {len(params)} context(s) and {self.batch_size} training image(s) per step at "
-                f"{image_size[1]}x{image_size[0]} (lower --batch-size or raise the budget)")
         with torch.no_grad():
             self.initial_contexts_ = [p.context() for p in params]
         for t in learnable:

@@ -136,6 +136,26 @@ class RunArgs:
     quiet: bool = _opt(False, "--quiet", help="No progress bars or progress lines.")
 
 
+@dataclasses.dataclass
+class SelectionArgs:
+    """What scores a selection and when a gain counts (select, tune)."""
+
+    oracle: Optional[str] = _opt(None, "--oracle", help="What selection is scored on: holdout (the val split) or cv "
+                                                        "(pool and val, each prompt set without its own prompts); "
+                                                        "default: promptopt.run.DEFAULT_ORACLE.")
+    rule: Optional[str] = _opt(None, "--rule", help="When a step's gain counts: none (any gain), se (above "
+                                                    "--noise-z standard errors of the per-image differences; "
+                                                    "the default) or bootstrap.")
+    noise_z: Optional[float] = _opt(None, "--noise-z", help="Strictness of --rule se/bootstrap (default 1).")
+
+    def rule_options(self) -> dict[str, Any]:
+        return {"rule": self.rule, "noise_z": self.noise_z}
+
+
+#: marks a command parameter that :func:`takes` replaces by the fields of :class:`SelectionArgs`
+SELECTION: Any = None
+
+
 def takes(**blocks: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add the fields of option-block dataclasses to a command's signature; pass each block as one object."""
 
@@ -232,7 +252,7 @@ def evaluate(
 
 
 @app.command()
-@takes(t=TaskArgs, b=BackendArgs, r=RunArgs)
+@takes(t=TaskArgs, b=BackendArgs, r=RunArgs, s=SelectionArgs)
 def select(
     t: TaskArgs,
     b: BackendArgs,
@@ -249,18 +269,19 @@ def select(
     strategy_option: Optional[List[str]] = typer.Option(None, "--strategy-option", help="Other strategy option key=value."),
     seeds: int = typer.Option(10, "--random-seeds", help="Seeds of the random-k baseline."),
     no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the baselines."),
+    s: SelectionArgs = SELECTION,
 ) -> None:
     """Choose the prompt set that maximises val mIoU; compare with baselines; write RUN_DIR."""
     with user_errors():
         from .run import run_strategy
 
         options = {"max_prompts": max_prompts, "k": k, "min_gain": min_gain, "patience": patience,
-                   "shortlist": shortlist, "index": index, "diversity": diversity,
+                   "shortlist": shortlist, "index": index, "diversity": diversity, **s.rule_options(),
                    **_options(strategy_option, "--strategy-option")}
         _run_each(t, r, lambda task, folder, prog: run_strategy(
             task, b.spec(), folder, strategy, {k_: v for k_, v in options.items() if v is not None},
-            baselines=() if no_baselines else None, random_seeds=seeds, memory_budget=r.memory_budget,
-            restart=r.restart, progress=prog, command=_command_line()))
+            oracle=s.oracle, baselines=() if no_baselines else None, random_seeds=seeds,
+            memory_budget=r.memory_budget, restart=r.restart, progress=prog, command=_command_line()))
 
 
 def _run_each(t: TaskArgs, r: RunArgs, run_one: Callable[..., dict[str, Any]]) -> None:
@@ -280,7 +301,7 @@ def _run_each(t: TaskArgs, r: RunArgs, run_one: Callable[..., dict[str, Any]]) -
 
 
 @app.command()
-@takes(t=TaskArgs, b=BackendArgs, r=RunArgs)
+@takes(t=TaskArgs, b=BackendArgs, r=RunArgs, s=SelectionArgs)
 def tune(
     t: TaskArgs,
     b: BackendArgs,
@@ -298,6 +319,7 @@ def tune(
     patience: int = typer.Option(5, "--patience", help="Evaluations without gain before stopping (0: never)."),
     context_side: Optional[int] = typer.Option(None, "--context-side", help="Long side of the learned tensors."),
     seed: int = typer.Option(0, "--seed", help="Seed of --shots, noise init and mini-batches."),
+    s: SelectionArgs = SELECTION,
 ) -> None:
     """Learn the prompt tensor (image and/or mask) with the model frozen; write RUN_DIR."""
     with user_errors():
@@ -306,9 +328,9 @@ def tune(
         def one(task, folder, prog):
             options = {"init": tuning_init(task, init, shots, seed), "steps": steps, "lr": lr, "batch_size": batch_size,
                        "warmup": warmup, "tune": tune_what, "per_class": per_class, "eval_every": eval_every,
-                       "patience": patience or None, "context_side": context_side, "seed": seed}
+                       "patience": patience or None, "context_side": context_side, "seed": seed, **s.rule_options()}
             return run_strategy(task, b.spec(), folder, "tuned", {k: v for k, v in options.items() if v is not None},
-                                memory_budget=r.memory_budget, restart=r.restart, progress=prog,
+                                oracle=s.oracle, memory_budget=r.memory_budget, restart=r.restart, progress=prog,
                                 command=_command_line())
 
         _run_each(t, r, one)

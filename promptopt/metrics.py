@@ -57,12 +57,34 @@ def confusion_matrix(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch
 
 
 def iou_from_confusion(cm: np.ndarray) -> np.ndarray:
-    """Per-class IoU = TP / (TP + FP + FN); NaN where the class is absent from both prediction and truth."""
+    """Per-class IoU = TP / (TP + FP + FN); NaN where the class is absent from both prediction and truth.
+
+    ``cm`` may be one (C, C) matrix or a stack (..., C, C); the result is (..., C).
+    """
     cm = np.asarray(cm, dtype=np.float64)
-    tp = np.diag(cm)
-    union = cm.sum(0) + cm.sum(1) - tp
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    union = cm.sum(-2) + cm.sum(-1) - tp
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan)
+
+
+def miou_from_confusion(cm: np.ndarray) -> np.ndarray | float:
+    """The headline ``miou`` of one confusion matrix or of each in a stack (..., C, C).
+
+    Binary: foreground IoU; more classes: the mean over classes with a defined IoU (NaN
+    when none is). The one definition behind :func:`summarize`'s ``miou``, vectorised so
+    that paired comparisons of many prompt sets (:mod:`promptopt.strategies.acceptance`)
+    cost no Python loop per set.
+    """
+    iou = iou_from_confusion(cm)
+    if iou.shape[-1] == 2:
+        out = iou[..., 1]
+    else:
+        defined = ~np.isnan(iou)
+        count = defined.sum(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where(count > 0, np.where(defined, iou, 0.0).sum(-1) / np.maximum(count, 1), np.nan)
+    return float(out) if np.ndim(out) == 0 else out
 
 
 def _nanmean(x: np.ndarray) -> float:
@@ -74,12 +96,10 @@ def summarize(cm: np.ndarray) -> dict[str, float | list[float]]:
     """The headline numbers of a confusion matrix (see the module docstring for definitions)."""
     iou = iou_from_confusion(cm)
     k = cm.shape[0]
-    out: dict[str, float | list[float]] = {"per_class_iou": [float(v) for v in iou]}
+    out: dict[str, float | list[float]] = {"per_class_iou": [float(v) for v in iou], "miou": miou_from_confusion(cm)}
     if k == 2:
-        out["miou"] = float(iou[1])
         out["fb_iou"] = _nanmean(iou)
     else:
-        out["miou"] = _nanmean(iou)
         out["fg_miou"] = _nanmean(iou[1:])
     total = cm.sum()
     out["pixel_accuracy"] = float(np.trace(cm) / total) if total else float("nan")

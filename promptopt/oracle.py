@@ -14,12 +14,31 @@ backend-agnostic and two strategies scored by the same oracle are comparable.
 * ``forwards`` counts (prompt, query) pairs pushed through the model — one per
   pair statistic for output-combining backends, ``len(prompts)`` per query for
   model-combining ones (the batch rows of SegGPT's feature ensemble).
+
+Two modes (``cross_validate``):
+
+``holdout`` (the default)
+    Every prompt set is scored on the same images, the validation split; the
+    prompts come from a separate pool.
+``cv`` (``cross_validate=True``)
+    The oracle's images are every labelled image a strategy may learn from
+    (prompt pool ∪ validation split), and a prompt set is scored on all of them
+    *except its own prompts*: an image is never scored by a set that shows it.
+    The score of set S is the dataset-level mIoU over the images not in S, a
+    function of S alone, so memoisation by set identity stays exact, and the
+    pair cache still computes each (prompt, image) pair at most once — a
+    query's own pair is never computed. Two sets that hold different prompts are
+    scored on slightly different images; strategies compare them *paired*, on
+    the images both were scored on (see :mod:`promptopt.strategies.acceptance`),
+    which is why every result carries its per-image confusion matrices. The
+    test split is never among the oracle's images: it is scored once, at the
+    end, by a separate holdout oracle.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,10 +51,17 @@ from .metrics import IoUAccumulator, SegmentationScore, confusion_matrix
 
 @dataclass
 class OracleResult:
-    """Score of one prompt set on the oracle's images."""
+    """Score of one prompt set on the oracle's images.
+
+    ``confusions`` maps each scored image's id to its (C, C) confusion matrix:
+    the images the set was scored on (in cross-validated mode, the oracle's
+    images minus the set's own prompts), and what paired comparisons of two
+    sets sum over.
+    """
 
     prompt_ids: list[str]
     score: SegmentationScore
+    confusions: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def miou(self) -> float:
@@ -103,6 +129,10 @@ class ValidationOracle:
     cache:
         Keep per-pair statistics and per-set results. ``cache=False`` is the
         plain path, used to check that caching never changes an answer.
+    cross_validate:
+        Score each prompt set on every image except its own prompts (the ``cv``
+        mode of the module docstring); give it the pool and the validation
+        split together (:meth:`promptopt.task.Task.oracles` does).
     """
 
     def __init__(
@@ -113,6 +143,7 @@ class ValidationOracle:
         ignore_index: int = IGNORE_INDEX,
         cache: bool = True,
         progress: Callable[[int], None] | None = None,
+        cross_validate: bool = False,
     ) -> None:
         if not val_samples:
             raise DataError("the oracle needs at least one labelled image to score against (empty split?)")
@@ -135,6 +166,7 @@ class ValidationOracle:
         self.ignore_index = ignore_index
         self.cache = cache
         self.progress = progress
+        self.cross_validate = bool(cross_validate)
         self._pairs: dict[tuple[str, str], Stats] = {}
         self._results: dict[tuple[str, ...], OracleResult] = {}
         self._approx_results: dict[tuple[str, ...], OracleResult] = {}
@@ -157,6 +189,26 @@ class ValidationOracle:
         c = self._counters
         return {"calls": c.calls, "forwards": c.forwards, "memo_hits": c.memo_hits, "pair_cache_hits": c.pair_hits,
                 "cached_pairs": len(self._pairs), "cached_sets": len(self._results)}
+
+    @property
+    def mode(self) -> str:
+        """"cv" (every image but the set's own prompts is scored) or "holdout" (the same images for every set)."""
+        return "cv" if self.cross_validate else "holdout"
+
+    def scored_samples(self, prompt_keys: Collection[str | None] = ()) -> list[Sample]:
+        """The images a set with these prompt keys is scored on (all of them in holdout mode).
+
+        A cross-validated oracle leaves the set's own images out; a set that covers every
+        image leaves nothing to score, which is a :class:`ConfigError`.
+        """
+        if not self.cross_validate:
+            return self.samples
+        keys = set(prompt_keys)
+        out = [q for q in self.samples if q.key not in keys]
+        if not out:
+            raise ConfigError("cross-validated oracle: the prompt set holds every labelled image, so none is left "
+                              "to score it on (give the oracle a validation split)")
+        return out
 
     @property
     def uses_pair_cache(self) -> bool:
@@ -188,6 +240,14 @@ class ValidationOracle:
     def _confusion(self, probs: torch.Tensor, sample: Sample) -> np.ndarray:
         return confusion_matrix(prediction_to_labels(probs), sample.mask, self.num_classes, self.ignore_index)
 
+    def _result(self, prompt_ids: list[str], confusions: Iterable[tuple[Sample, np.ndarray]]) -> OracleResult:
+        acc = IoUAccumulator(self.num_classes, self.ignore_index)
+        per_image = {}
+        for q, cm in confusions:
+            acc.add_confusion(cm, q.id)
+            per_image[q.id] = cm
+        return OracleResult(prompt_ids, acc.result(), per_image)
+
     def _predict_one(self, prompts: Sequence[Prompt], query: Sample) -> torch.Tensor:
         if self.uses_pair_cache:
             return self.backend.finalize(self.backend.reduce_stats([self.pair_stats(p, query) for p in prompts]), query)
@@ -208,10 +268,8 @@ class ValidationOracle:
             self._counters.memo_hits += 1
             return self._results[key]
         ordered = sorted(prompts, key=lambda p: p.key)
-        acc = IoUAccumulator(self.num_classes, self.ignore_index)
-        for q in self.samples:
-            acc.add_confusion(self._confusion(self._predict_one(ordered, q), q), q.id)
-        result = OracleResult([p.key.split("/")[-1] for p in ordered], acc.result())
+        result = self._result([p.key.split("/")[-1] for p in ordered],
+                              ((q, self._confusion(self._predict_one(ordered, q), q)) for q in self.scored_samples(key)))
         if self.cache:
             self._results[key] = result
         return result
@@ -266,18 +324,24 @@ class ValidationOracle:
                 todo.append((key, sorted(prompts, key=lambda p: p.key), [i]))
                 pending[key] = todo[-1][2]
         if todo:
-            sets = [ordered for _, ordered, _ in todo]
-            accs = [IoUAccumulator(self.num_classes, self.ignore_index) for _ in todo]
+            for key, _, _ in todo:
+                self.scored_samples(key)  # a set that leaves nothing to score fails before any model work
+            confusions: list[list[tuple[Sample, np.ndarray]]] = [[] for _ in todo]
             for q in self.samples:
+                # cross-validated: a set is never run on one of its own prompts (and that costs no forward)
+                live = [j for j, (key, _, _) in enumerate(todo) if not self.cross_validate or q.key not in key]
+                if not live:
+                    continue
+                sets = [todo[j][1] for j in live]
                 with torch.no_grad():
                     probs = self.backend.predict_sets(sets, q, self.num_classes)
-                for acc, p, ordered in zip(accs, probs, sets):
-                    acc.add_confusion(self._confusion(p, q), q.id)
+                for j, p, ordered in zip(live, probs, sets):
+                    confusions[j].append((q, self._confusion(p, q)))
                     self._counters.forwards += len(ordered)
                     if self.progress:
                         self.progress(len(ordered))
-            for acc, (key, ordered, slots) in zip(accs, todo):
-                result = OracleResult([p.key.split("/")[-1] for p in ordered], acc.result())
+            for cms, (key, ordered, slots) in zip(confusions, todo):
+                result = self._result([p.key.split("/")[-1] for p in ordered], cms)
                 if self.cache:
                     self._results[key] = result
                 for i in slots:
@@ -298,15 +362,22 @@ class ValidationOracle:
             else:
                 todo.append((i, c, key))
         if todo:
-            accs = [IoUAccumulator(self.num_classes, self.ignore_index) for _ in todo]
+            for _, _, key in todo:
+                self.scored_samples(key)  # a set that leaves nothing to score fails before any model work
+            base_keys = {p.key for p in base}
+            confusions: list[list[tuple[Sample, np.ndarray]]] = [[] for _ in todo]
             for q in self.samples:
+                if self.cross_validate and q.key in base_keys:
+                    continue  # every candidate set holds this image: none is scored on it
                 merged = self.backend.reduce_stats([self.pair_stats(p, q) for p in base]) if base else None
-                for acc, (_, c, _) in zip(accs, todo):
+                for cms, (_, c, _) in zip(confusions, todo):
+                    if self.cross_validate and c.key == q.key:
+                        continue
                     st = self.pair_stats(c, q)
                     st = st if merged is None else self.backend.merge_stats(merged, st)
-                    acc.add_confusion(self._confusion(self.backend.finalize(st, q), q), q.id)
-            for acc, (i, c, key) in zip(accs, todo):
-                res = OracleResult([p.key.split("/")[-1] for p in [*base, c]], acc.result())
+                    cms.append((q, self._confusion(self.backend.finalize(st, q), q)))
+            for cms, (i, c, key) in zip(confusions, todo):
+                res = self._result([p.key.split("/")[-1] for p in [*base, c]], cms)
                 if self.cache:
                     memo[key] = res
                 out[i] = res
@@ -319,52 +390,58 @@ class ValidationOracle:
         ``category/id``, or its ``id``) to that image's prompts. Pair statistics
         come from the same cache as :meth:`score`, so a prompt already scored
         against an image is never recomputed. ``prompt_ids`` of the result is
-        the union of the prompts used.
+        the union of the prompts used. Every image is scored (each has its own
+        prompts); an image given itself as a prompt is a :class:`ConfigError`.
         """
         per_query: list[tuple[Sample, list[Prompt]]] = []
         for q in self.samples:
             prompts = assignment.get(q.key, assignment.get(q.id))
             if not prompts:
                 raise ConfigError(f"no prompts assigned to image {q.key!r}")
+            if any(p.key == q.key for p in prompts):
+                raise ConfigError(f"image {q.key!r} is given itself as a prompt: it cannot be scored on its own label")
             per_query.append((q, sorted(prompts, key=lambda p: p.key or "")))
         key = ("@assignment",) + tuple(f"{q.key}<-{','.join(_set_key(ps))}" for q, ps in per_query)
         self._counters.calls += 1
         if self.cache and key in self._results:
             self._counters.memo_hits += 1
             return self._results[key]
-        acc = IoUAccumulator(self.num_classes, self.ignore_index)
-        for q, ps in per_query:
-            acc.add_confusion(self._confusion(self._predict_one(ps, q), q), q.id)
         used = sorted({p.key.split("/")[-1] for _, ps in per_query for p in ps})
-        result = OracleResult(used, acc.result())
+        result = self._result(used, ((q, self._confusion(self._predict_one(ps, q), q)) for q, ps in per_query))
         if self.cache:
             self._results[key] = result
         return result
 
-    def score_contexts(self, contexts: Sequence[Context], chunk: int = 8) -> OracleResult:
+    def score_contexts(self, contexts: Sequence[Context], chunk: int = 8,
+                       exclude: Collection[str] = ()) -> OracleResult:
         """mIoU of tensor prompts that change between calls (context tuning): never memoised or pair-cached.
 
+        ``exclude`` names (by key) the images the contexts were made from — a tuner's
+        starting examples and training images; a cross-validated oracle leaves them
+        out, as it leaves a set's prompts out (a holdout oracle holds none of them).
         Queries go to the backend ``chunk`` at a time, so a backend can prepare the
         contexts once per chunk; every query counts ``len(contexts)`` forwards.
         """
         if not contexts:
             raise ConfigError("cannot score an empty set of contexts")
+        samples = self.scored_samples(exclude)
         self._counters.calls += 1
-        acc = IoUAccumulator(self.num_classes, self.ignore_index)
+        confusions: list[tuple[Sample, np.ndarray]] = []
         with torch.no_grad():
-            for start in range(0, len(self.samples), chunk):
-                part = self.samples[start:start + chunk]
+            for start in range(0, len(samples), chunk):
+                part = samples[start:start + chunk]
                 for q, probs in zip(part, self.backend.predict(list(contexts), part, self.num_classes)):
-                    acc.add_confusion(self._confusion(probs, q), q.id)
+                    confusions.append((q, self._confusion(probs, q)))
                 self._counters.forwards += len(contexts) * len(part)
                 if self.progress:
                     self.progress(len(contexts) * len(part))
-        return OracleResult([f"context {i}" for i in range(len(contexts))], acc.result())
+        return self._result([f"context {i}" for i in range(len(contexts))], confusions)
 
     def predict(self, prompts: Sequence[Prompt]) -> list[torch.Tensor]:
-        """The (C, H, W) probabilities behind :meth:`score`, one per image (uncached, for reports)."""
+        """The (C, H, W) probabilities behind :meth:`score`, one per scored image
+        (:meth:`scored_samples`; uncached, for reports)."""
         ordered = sorted(prompts, key=lambda p: p.key or "")
-        return [self._predict_one(ordered, q) for q in self.samples]
+        return [self._predict_one(ordered, q) for q in self.scored_samples([p.key for p in ordered])]
 
     def clear(self, pairs: bool = True) -> None:
         """Forget memoised set results and, unless ``pairs=False``, cached pair statistics (counters are kept)."""

@@ -58,20 +58,38 @@ def error_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, alpha:
     return out.clip(0, 255).astype(np.uint8)
 
 
-def plot_steps(history: Sequence[dict[str, Any]], path: Path, title: str = "Forward selection") -> Path:
-    """Val mIoU of the chosen set after each greedy step (accepted steps filled, rejected hollow)."""
+def plot_steps(history: Sequence[dict[str, Any]], path: Path, title: str = "Forward selection",
+               ylabel: str = "val mIoU") -> Path:
+    """Score of the chosen set after each greedy step (accepted steps filled, rejected hollow), with the noise band.
+
+    A step's band (shaded) runs from the kept set's score on the same images (``score - gain``)
+    to that plus the noise the gain had to beat (``noise``): a step is kept when its point
+    clears its band. Steps without a ``gain``/``noise`` record (the first) have no band.
+    """
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     steps = [h["step"] for h in history]
     scores = [h["score"] if h["score"] is not None else np.nan for h in history]
+    banded = False
+    for h, s in zip(history[1:], scores[1:]):
+        gain, noise = h.get("gain"), h.get("noise")
+        if gain is None or s != s or not np.isfinite(gain):
+            continue
+        ref = s - gain
+        top = ref + noise if noise is not None else s + abs(gain) + 0.05  # no noise estimate: nothing passes
+        ax.fill_between([h["step"] - 0.3, h["step"] + 0.3], [ref, ref], [top, top], color="#ff7f0e", alpha=0.25,
+                        lw=0, label=None if banded else "kept set + noise (must be cleared)")
+        banded = True
     ax.plot(steps, scores, "-", color="#1f77b4")
     for h, s in zip(history, scores):
         ax.plot(h["step"], s, "o", color="#1f77b4", mfc="#1f77b4" if h.get("accepted", True) else "white")
         ax.annotate(str(h["chosen"]), (h["step"], s), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     ax.set_xlabel("number of prompts")
-    ax.set_ylabel("val mIoU")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.set_xticks(steps)
     ax.grid(alpha=0.3)
+    if banded:
+        ax.legend(fontsize=7, loc="lower right")
     return save_figure(fig, path)
 
 

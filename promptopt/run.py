@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -54,9 +55,13 @@ from .errors import ConfigError, DataError
 from .memory import format_bytes, out_of_memory_as_budget_error, parse_bytes
 from .oracle import ValidationOracle, prediction_to_labels
 from .report import figures_and_command, fmt, markdown_table, write_report
+from .strategies.acceptance import make_rule
 from .strategies.base import ProgressFn, PromptStrategy
 from .strategies.registry import make_strategy, strategy_class
-from .task import Task
+from .task import ORACLE_MODES, Task
+
+#: what `select` and `tune` score selection on unless told otherwise (see benchmarks/bench_selection.py)
+DEFAULT_ORACLE = "holdout"
 
 STATE_FILE = "state.json"
 STATE_FORMAT = "promptopt-run"
@@ -304,6 +309,7 @@ def run_strategy(
     strategy: str = "forward",
     options: Mapping[str, Any] | None = None,
     *,
+    oracle: str | None = None,
     baselines: Sequence[str] | None = None,
     random_seeds: int = 10,
     memory_budget: str | int | None = None,
@@ -313,35 +319,44 @@ def run_strategy(
 ) -> dict[str, Any]:
     """Fit ``strategy`` on ``task``, compare it with its baselines, write the run folder; return result.json.
 
-    ``options`` are the strategy's own knobs (see :func:`~promptopt.strategies.strategy_options`).
-    Baselines (default: the strategy's declared ones) run at the chosen k, under the same memory budget;
-    random search gets the same number of oracle evaluations as the strategy used. Resumable (see
-    :class:`Run`).
+    ``options`` are the strategy's own knobs (see :func:`~promptopt.strategies.strategy_options`),
+    the acceptance rule (``rule``, ``noise_z``) among them. ``oracle`` is what selection is scored on:
+    ``"holdout"`` (the val split) or ``"cv"`` (pool ∪ val, each set without its own prompts; see
+    :mod:`promptopt.oracle`); None: :data:`DEFAULT_ORACLE`. Both, and the rule as resolved (its defaults included), are part of the
+    run's spec, so a resumed run never mixes them. Baselines (default: the strategy's declared ones)
+    use the same oracle and rule, run at the chosen k under the same memory budget; random search
+    gets the same number of oracle evaluations as the strategy used, over sets of up to
+    ``max_prompts`` prompts (or the largest set the strategy scored). Resumable (see :class:`Run`).
     """
     options = dict(options or {})
     cls = strategy_class(strategy)
     baselines = tuple(b for b in (cls.baselines if baselines is None else baselines) if b != strategy)
     budget = parse_bytes(memory_budget)
+    oracle = oracle or DEFAULT_ORACLE
+    selection = selection_settings(strategy, options, oracle)
     spec = {"kind": "strategy", "task": task.describe(), "backend": backend_config(backend), "strategy": strategy,
-            "options": describe(options), "baselines": list(baselines), "random_seeds": int(random_seeds),
-            "memory_budget": budget}
+            "options": describe(options), "selection": selection, "baselines": list(baselines),
+            "random_seeds": int(random_seeds), "memory_budget": budget}
     run = Run(out, spec, restart=restart)
     if run.finished:
         return run.result()
     t0 = time.perf_counter()
     be = build_backend(backend)
-    val, test = task.oracles(be)
+    val, test = task.oracles(be, mode=oracle)
+    rule = {key: v for key, v in selection.items() if key in ("rule", "noise_z")}
     main = make_strategy(strategy, val, memory_budget=budget, checkpoint=run.checkpoint("strategy"),
-                         progress=progress, **options)
+                         progress=progress, **{**options, **rule})
     with out_of_memory_as_budget_error(f"strategy {strategy!r}", main.memory_for(1), budget):
         main.fit(task.pool)
-    k = main.k if main.per_query else len(main.selected_)  # type: ignore[attr-defined]
+    k = main.k_ if main.per_query else len(main.selected_)  # type: ignore[attr-defined]
     budget_calls = max(1, main.n_evaluations_)
+    search_k = max(k, int(options.get("max_prompts") or getattr(main, "largest_scored_", k)))
 
     def fit_baseline(name: str) -> dict[str, Any]:
-        b = make_strategy(name, val, strict=False, k=k, n_trials=budget_calls, seeds=random_seeds,
-                          memory_budget=budget, progress=progress)
-        with out_of_memory_as_budget_error(f"baseline {name!r} (k={k})", b.memory_for(k), budget):
+        kk = search_k if name == "random-search" else k
+        b = make_strategy(name, val, strict=False, k=kk, n_trials=budget_calls, seeds=random_seeds,
+                          memory_budget=budget, progress=progress, **rule)
+        with out_of_memory_as_budget_error(f"baseline {name!r} (k={kk})", b.memory_for(kk), budget):
             return {**_entry(b.fit(task.pool), val, test), "k": k}
 
     results = {name: run.step(f"baseline/{name}", lambda name=name: fit_baseline(name)) for name in baselines}
@@ -352,6 +367,7 @@ def run_strategy(
         "kind": "strategy",
         "strategy": strategy,
         "options": describe(options),
+        "selection": selection,
         "backend": be.name,
         "backend_config": be.config(),
         **task.describe(),
@@ -365,13 +381,47 @@ def run_strategy(
         "command": command,
     }
     main.save_prompt(run.folder, category=task.category, extra={"test_miou": entry["test_miou"]})
-    write_per_image_csv(run.folder / "per_image.csv", {"val": main.evaluate(val).per_image_iou,
+    write_per_image_csv(run.folder / "per_image.csv", {"cv" if val.cross_validate else "val":
+                                                        main.evaluate(val).per_image_iou,
                                                         "test": entry["test_per_image_iou"] or {}})
     figures = strategy_figures(run.folder, main, results, entry, task, test)
     cost = {"wall_s_session": round(time.perf_counter() - t0, 3), "oracle": {"val": val.stats, "test": test.stats if test else None},
             "seconds_per_step": getattr(main, "seconds_per_step_", None)}
     write_strategy_report(run.folder, result, figures, cost)
     return run.finish(result, cost)
+
+
+def selection_settings(strategy: str, options: Mapping[str, Any], oracle: str) -> dict[str, Any]:
+    """What scores and judges selection, defaults resolved: the oracle mode and, for strategies with an
+    acceptance rule, the rule and its strictness (part of a run's spec and its report)."""
+    if oracle not in ORACLE_MODES:
+        raise ConfigError(f"--oracle must be one of {', '.join(ORACLE_MODES)}, got {oracle!r}")
+    params = inspect.signature(strategy_class(strategy).__init__).parameters
+    out: dict[str, Any] = {"oracle": oracle}
+    for name in ("rule", "noise_z"):
+        if name in params:
+            out[name] = options.get(name, params[name].default)
+    if "rule" in out:
+        make_rule(out["rule"], out.get("noise_z", 1.0))  # a bad rule fails before the run folder exists
+    return out
+
+
+def selection_line(selection: Mapping[str, Any]) -> str:
+    """The report's sentence on the oracle mode and the acceptance rule."""
+    what = {"holdout": "holdout — every prompt set scored on the validation split",
+            "cv": "cross-validated — every prompt set scored on all labelled pool and validation images except "
+                  "its own prompts, compared with another set on the images both were scored on"}[selection["oracle"]]
+    line = f"- Selection oracle: {what}"
+    rule = selection.get("rule")
+    if rule == "none":
+        line += "; acceptance rule: none (any positive gain is kept)"
+    elif rule == "se":
+        line += (f"; acceptance rule: se — a step is kept only if its paired gain exceeds {selection['noise_z']:g} "
+                 "standard error(s) of the per-image IoU differences")
+    elif rule == "bootstrap":
+        line += (f"; acceptance rule: bootstrap — a step is kept only if the lower end of a seeded one-sided paired "
+                 f"bootstrap interval (z = {selection['noise_z']:g}) of its gain is above zero")
+    return line
 
 
 def metric_definition(num_classes: int) -> str:
@@ -441,9 +491,11 @@ def write_strategy_report(folder: Path, result: Mapping[str, Any], figs: Sequenc
         f"- Backend: `{result['backend']}` {result['backend_config'].get('checkpoint') or ''}",
         f"- Options: {', '.join(f'{k}={v}' for k, v in sorted(result['options'].items())) or 'defaults'}",
         f"- Selected ({len(result['selected'])}): {sel}",
-        f"- Val mIoU (optimised): **{fmt(result['val_miou'])}**; test mIoU (held out — trust this one): "
+        f"- {'Cross-validated' if (result.get('selection') or {}).get('oracle') == 'cv' else 'Val'} mIoU "
+        f"(optimised): **{fmt(result['val_miou'])}**; test mIoU (held out — trust this one): "
         f"**{fmt(result['test_miou'])}** (FB-IoU {fmt(result.get('test_fb_iou'))})",
         f"- Metric: {result['metric']}",
+        selection_line(result.get("selection") or {"oracle": "holdout"}),
         f"- Oracle: {result['evaluations']} prompt-set evaluations by the strategy; this session "
         f"{cost['oracle']['val']['forwards']} model forwards on val; wall time {cost['wall_s_session']:.1f} s",
         f"- Memory: the strategy compared an estimated peak of {format_bytes(mem['estimated_peak_bytes'])} "

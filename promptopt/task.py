@@ -18,6 +18,9 @@ from .data import Dataset, MaskMode, Sample, Split, load_dataset, split_samples
 from .errors import ConfigError
 from .oracle import ValidationOracle
 
+#: what a selection oracle scores: the validation split, or pool ∪ val cross-validated
+ORACLE_MODES = ("holdout", "cv")
+
 
 @dataclass
 class Task:
@@ -58,9 +61,20 @@ class Task:
     def pool(self) -> list[Sample]:
         return self.split.pool
 
-    def oracles(self, backend: Backend, cache: bool = True) -> tuple[ValidationOracle, ValidationOracle | None]:
-        """(val oracle, test oracle or None when the test split is empty), sharing the backend."""
-        val = ValidationOracle(backend, self.split.val, self.num_classes, cache=cache)
+    def oracles(self, backend: Backend, cache: bool = True,
+                mode: str = "holdout") -> tuple[ValidationOracle, ValidationOracle | None]:
+        """(selection oracle, test oracle or None when the test split is empty), sharing the backend.
+
+        ``mode`` says what the selection oracle scores: ``"holdout"`` the validation split;
+        ``"cv"`` every labelled image a strategy may use (pool ∪ val), each prompt set on all
+        of them but its own prompts (see :mod:`promptopt.oracle`). The test oracle is the same
+        in both modes: the test split, never seen during selection.
+        """
+        if mode not in ORACLE_MODES:
+            raise ConfigError(f"oracle mode must be one of {', '.join(ORACLE_MODES)}, got {mode!r}")
+        cv = mode == "cv"
+        scored = [*self.split.pool, *self.split.val] if cv else self.split.val
+        val = ValidationOracle(backend, scored, self.num_classes, cache=cache, cross_validate=cv)
         test = ValidationOracle(backend, self.split.test, self.num_classes, cache=cache) if self.split.test else None
         return val, test
 

@@ -80,7 +80,7 @@ def test_stops_when_no_gain_and_keeps_best_prefix():
     t = {frozenset("a"): 0.5, frozenset("b"): 0.4, frozenset("c"): 0.1,
          frozenset("ab"): 0.6, frozenset("ac"): 0.55,
          frozenset("abc"): 0.58}
-    sel = ForwardSelector(ScriptedOracle(t)).fit(pool_of("a", "b", "c"))
+    sel = ForwardSelector(ScriptedOracle(t), rule="none").fit(pool_of("a", "b", "c"))
     assert sel.selected_ids_ == ["a", "b"] and sel.score_ == 0.6
     assert sel.stop_reason_ == "no_gain"
     assert [h["accepted"] for h in sel.history_] == [True, True, False]
@@ -91,30 +91,30 @@ def test_patience_lets_a_dip_through():
          frozenset("ab"): 0.45, frozenset("ac"): 0.4, frozenset("ad"): 0.4,
          frozenset("abc"): 0.7, frozenset("abd"): 0.3, frozenset("abcd"): 0.65}
     pool = pool_of("a", "b", "c", "d")
-    assert ForwardSelector(ScriptedOracle(t), patience=1).fit(pool).selected_ids_ == ["a"]
-    sel = ForwardSelector(ScriptedOracle(t), patience=2).fit(pool)
+    assert ForwardSelector(ScriptedOracle(t), rule="none", patience=1).fit(pool).selected_ids_ == ["a"]
+    sel = ForwardSelector(ScriptedOracle(t), rule="none", patience=2).fit(pool)
     assert sel.selected_ids_ == ["a", "b", "c"] and sel.score_ == 0.7
 
 
 def test_min_gain():
     t = {frozenset("a"): 0.5, frozenset("ab"): 0.505, frozenset("b"): 0.2}
-    assert ForwardSelector(ScriptedOracle(t), min_gain=0.01).fit(pool_of("a", "b")).selected_ids_ == ["a"]
-    assert ForwardSelector(ScriptedOracle(t), min_gain=0.0).fit(pool_of("a", "b")).selected_ids_ == ["a", "b"]
+    assert ForwardSelector(ScriptedOracle(t), rule="none", min_gain=0.01).fit(pool_of("a", "b")).selected_ids_ == ["a"]
+    assert ForwardSelector(ScriptedOracle(t), rule="none", min_gain=0.0).fit(pool_of("a", "b")).selected_ids_ == ["a", "b"]
 
 
 def test_memory_budget_and_max_prompts():
     t = {frozenset(s): 0.1 * len(s) for s in ("a", "ab", "abc", "abcd")}
     t.update({frozenset(x): 0.0 for x in ("b", "c", "d")})
     pool = pool_of("a", "b", "c", "d")
-    sel = ForwardSelector(ScriptedOracle(t), memory_budget=250).fit(pool)  # 100 bytes per prompt
+    sel = ForwardSelector(ScriptedOracle(t), rule="none", memory_budget=250).fit(pool)  # 100 bytes per prompt
     assert sel.selected_ids_ == ["a", "b"] and sel.stop_reason_ == "memory_budget"
     assert sel.budget_bytes_ == 250 and sel.memory_bytes_ == 200
-    sel = ForwardSelector(ScriptedOracle(t), max_prompts=3).fit(pool)
+    sel = ForwardSelector(ScriptedOracle(t), rule="none", max_prompts=3).fit(pool)
     assert len(sel.selected_) == 3 and sel.stop_reason_ == "max_prompts"
     with pytest.raises(BudgetError, match="too small for one prompt"):
-        ForwardSelector(ScriptedOracle(t), memory_budget="50B").fit(pool)
+        ForwardSelector(ScriptedOracle(t), rule="none", memory_budget="50B").fit(pool)
     with pytest.raises(BudgetError, match="cannot read memory budget"):
-        ForwardSelector(ScriptedOracle(t), memory_budget="a lot").fit(pool)
+        ForwardSelector(ScriptedOracle(t), rule="none", memory_budget="a lot").fit(pool)
 
 
 def test_real_budget_too_small(car):

@@ -88,6 +88,8 @@ class PromptStrategy:
         pool = list(pool)
         if not pool:
             raise ConfigError(f"{self.name}: the prompt pool is empty")
+        if getattr(self.oracle, "cross_validate", False):
+            return pool  # a cross-validated oracle scores pool images, but never with themselves as prompts
         val_keys = {s.key for s in self.oracle.samples}
         leaked = [s.id for s in pool if s.key in val_keys]
         if leaked:

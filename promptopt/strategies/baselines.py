@@ -8,9 +8,12 @@
   example that most improves the currently worst-scored validation image.
 
 What a baseline needs to be fair: the same pool, the same oracle (same val images,
-same metric, same caching) and, for search baselines, the same budget of oracle
-calls. The selected sets are then scored on test by the caller, exactly like the
-strategy under study.
+same metric, same caching — cross-validated or not) and, for search baselines, the
+same budget of oracle calls. "Best" means what it means to forward selection: with
+a cross-validated oracle, whose sets are scored on slightly different images, sets
+are compared paired, on the images both were scored on
+(:mod:`promptopt.strategies.acceptance`). The selected sets are then scored on test
+by the caller, exactly like the strategy under study.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..data import Sample
 from ..errors import ConfigError
 from ..oracle import ValidationOracle
 from ..space import MAX_K, Choice, Int
+from .acceptance import best_index, better
 from .base import PromptStrategy, comparable
 
 
@@ -72,7 +76,10 @@ class RandomK(PromptStrategy):
 
 
 class BestSingle(PromptStrategy):
-    """The pool example whose one-shot val mIoU is highest (``history_`` has every example's)."""
+    """The pool example whose one-shot val mIoU is highest (``history_`` has every example's).
+
+    With a cross-validated oracle: the highest mean paired gain over the other examples.
+    """
 
     name = "best-single"
     search_space = ()
@@ -84,7 +91,7 @@ class BestSingle(PromptStrategy):
         results = self.oracle.score_additions([], pool)
         self._tick("candidates", len(pool), len(pool))
         scores = {s.id: r.miou for s, r in zip(pool, results)}
-        best = max(pool, key=lambda s: comparable(scores[s.id]))
+        best = pool[best_index(results)]
         self.selected_ = [best]
         self.score_ = float(scores[best.id])
         self.history_ = [{"candidates": scores, "chosen": best.id}]
@@ -95,7 +102,8 @@ class BestSingle(PromptStrategy):
 class RandomSearch(PromptStrategy):
     """Best of ``n_trials`` random combinations of 1..k pool examples (size drawn uniformly).
 
-    k is capped at the largest set that fits the memory budget.
+    k is capped at the largest set that fits the memory budget. A trial replaces the best so
+    far when its paired gain over it is positive (with a holdout oracle: a higher val mIoU).
     """
 
     name = "random-search"
@@ -113,15 +121,16 @@ class RandomSearch(PromptStrategy):
         self.require_fit(1, "one prompt")
         rng = np.random.default_rng(self.seed)
         k = self.largest_fitting(min(self.k, len(pool)))
-        best, best_score, history = None, float("-inf"), []
+        best, best_result, best_score, history = None, None, float("-inf"), []
         for t in range(self.n_trials):
             self._tick("trial", t, self.n_trials)
             size = int(rng.integers(1, k + 1))
             chosen = [pool[j] for j in sorted(rng.choice(len(pool), size=size, replace=False))]
-            score = self.oracle.score(chosen).miou
+            result = self.oracle.score(chosen)
+            score = result.miou
             history.append({"trial": t, "selected": [s.id for s in chosen], "val_miou": score})
-            if best is None or comparable(score) > comparable(best_score):
-                best, best_score = chosen, score
+            if better(result, best_result):
+                best, best_result, best_score = chosen, result, score
         self._tick("trial", self.n_trials, self.n_trials)
         self.selected_, self.score_, self.history_ = best, float(best_score), history
         self.n_evaluations_ = self.n_trials

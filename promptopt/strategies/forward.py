@@ -1,11 +1,16 @@
 """Forward (greedy) selection of in-context examples under a memory budget.
 
 Start from the empty prompt set; at each step score every remaining pool
-example added to the current set, keep the one with the highest validation
-mIoU; stop when the best gain over the best set so far is not positive and at
-least ``min_gain`` for ``patience`` consecutive steps (the kept set is then the
-best prefix; a step with no gain at all never counts as progress), when one more prompt
-would not fit the memory budget, or at ``max_prompts``.
+example added to the current set and add the best one (highest validation mIoU;
+with a cross-validated oracle, whose candidates are scored on slightly different
+images, the highest mean paired gain over the other candidates — see
+:mod:`promptopt.strategies.acceptance`). A step is *kept* only if the acceptance
+rule says its paired gain over the best set so far is real: positive, at least
+``min_gain`` and, by default (``rule="se"``), above one standard error of the
+per-image IoU differences. Selection stops after ``patience`` consecutive steps
+that are not kept (the answer is then the best kept prefix), when one more
+prompt would not fit the memory budget, or at ``max_prompts`` — a cap, not a
+target: the rule picks k.
 
 Speed without changing the answer comes from the oracle: for backends that
 combine prompts at the output, each (candidate, val image) result is computed
@@ -23,26 +28,35 @@ from ..artifacts import fingerprint
 from ..data import Sample
 from ..errors import ConfigError
 from ..space import MAX_K, Int
+from .acceptance import StoredResult, confusions_to_json, make_rule, rank, same_images
 from .base import PromptStrategy, comparable
 
 
 class ForwardSelector(PromptStrategy):
     """Greedy forward selection scored by the validation oracle.
 
+    Parameters beyond the common ones: ``max_prompts`` (cap on k), ``min_gain`` (smallest
+    gain that counts), ``patience`` (steps not kept before stopping), ``shortlist``
+    (model-combining backends: exact-score only the top M), ``rule`` ("none", "se" or
+    "bootstrap") and ``noise_z`` (its strictness) — see :mod:`promptopt.strategies.acceptance`.
+
     Attributes after ``fit``: ``selected_`` (samples, in the order added),
     ``score_`` (val mIoU of ``selected_``), ``history_`` (one dict per step:
-    every candidate's val mIoU, the chosen id, its score and gain, the memory
-    estimate, whether it was kept), ``stop_reason_`` ("max_prompts",
-    "pool_exhausted" — fewer examples than ``max_prompts`` —, "memory_budget",
-    "no_gain"), ``memory_bytes_`` (the estimate for ``selected_``),
-    ``budget_bytes_``, ``n_evaluations_`` and ``resumed_steps_``.
+    every candidate's val mIoU, the chosen id, its score, paired gain over the
+    best kept set, the noise that gain had to beat, the number of images they
+    were compared on, the memory estimate, whether it was kept; with candidates
+    scored on different images also each one's ranking value ``advantage``),
+    ``stop_reason_`` ("max_prompts", "pool_exhausted" — fewer examples than
+    ``max_prompts`` —, "memory_budget", "no_gain"), ``memory_bytes_`` (the
+    estimate for ``selected_``), ``budget_bytes_``, ``n_evaluations_``,
+    ``largest_scored_`` (the largest set it scored) and ``resumed_steps_``.
     """
 
     name = "forward"
     search_space = (Int("max_prompts", 1, MAX_K), Int("patience", 1, 2))
 
     def __init__(self, oracle, *, max_prompts: int | None = None, min_gain: float = 0.0, patience: int = 1,
-                 shortlist: int | None = None, **common: Any) -> None:
+                 shortlist: int | None = None, rule: str = "se", noise_z: float = 1.0, **common: Any) -> None:
         super().__init__(oracle, **common)
         if max_prompts is not None and max_prompts < 1:
             raise ConfigError(f"max_prompts must be at least 1, got {max_prompts}")
@@ -54,35 +68,46 @@ class ForwardSelector(PromptStrategy):
         self.min_gain = float(min_gain)
         self.patience = int(patience)
         self.shortlist = shortlist
+        self.rule = make_rule(rule, noise_z, min_gain)
 
     def _fingerprint(self, pool: Sequence[Sample]) -> str:
         return fingerprint({
             "strategy": self.name, "pool": [s.key for s in pool], "val": [s.key for s in self.oracle.samples],
+            "oracle": getattr(self.oracle, "mode", "holdout"),
             "backend": self.oracle.backend.config(), "num_classes": self.oracle.num_classes,
             "budget": self.budget_bytes_, "max_prompts": self.max_prompts, "min_gain": self.min_gain,
-            "patience": self.patience, "shortlist": self.shortlist,
+            "patience": self.patience, "shortlist": self.shortlist, "rule": self.rule.describe(),
         })
 
-    def _score_step(self, selected: list[Sample], candidates: list[Sample]) -> dict[str, float]:
-        """Val mIoU of selected + [c] for each candidate (exact, or shortlisted)."""
+    def _score_step(self, selected: list[Sample], candidates: list[Sample]) -> dict[str, Any]:
+        """Oracle result of selected + [c] for each candidate id (None: shortlisted out, never scored exactly)."""
         oracle = self.oracle
         if self.shortlist is None or oracle.uses_pair_cache or len(candidates) <= self.shortlist:
-            scores: dict[str, float] = {}
+            results: dict[str, Any] = {}
             # pair-cached scores cost the same in any grouping: a few chunks let progress bars move within a
             # step; a model-combining backend gets the whole step at once, so it can batch sets per model call
             chunk = max(1, len(candidates) // 8) if oracle.uses_pair_cache else len(candidates)
             for i in range(0, len(candidates), chunk):
                 part = candidates[i:i + chunk]
-                scores.update({c.id: r.miou for c, r in zip(part, oracle.score_additions(selected, part))})
+                results.update({c.id: r for c, r in zip(part, oracle.score_additions(selected, part))})
                 self._tick("candidates", min(i + chunk, len(candidates)), len(candidates))
-            return scores
+            return results
         approx = oracle.score_additions(selected, candidates, approximate=True)
         ranked = sorted(zip(candidates, approx), key=lambda cr: -comparable(cr[1].miou))
         top = [c for c, _ in ranked[: self.shortlist]]
         exact = oracle.score_additions(selected, top)
-        scores = {c.id: float("nan") for c in candidates}
-        scores.update({c.id: r.miou for c, r in zip(top, exact)})
-        return scores
+        results = {c.id: None for c in candidates}
+        results.update({c.id: r for c, r in zip(top, exact)})
+        return results
+
+    def _pick(self, candidates: list[Sample], results: dict[str, Any]) -> tuple[Sample, dict[str, float] | None]:
+        """The best candidate by :func:`~promptopt.strategies.acceptance.rank` (ties: first in pool order),
+        and the ranking values when they are not the scores themselves (paired ranking)."""
+        scored = [c for c in candidates if results[c.id] is not None]
+        values = rank([results[c.id] for c in scored])
+        best = max(range(len(scored)), key=lambda i: values[i])  # ties: first in pool order
+        paired = not same_images([results[c.id] for c in scored])
+        return scored[best], ({c.id: v for c, v in zip(scored, values)} if paired else None)
 
     def fit(self, pool: Sequence[Sample]) -> "ForwardSelector":
         pool = self._check_pool(pool)
@@ -91,9 +116,12 @@ class ForwardSelector(PromptStrategy):
         fp = self._fingerprint(pool)
         saved = self.checkpoint.load(fp) if self.checkpoint else None
         state: dict[str, Any] = saved[0] if saved else {
-            "chosen": [], "history": [], "best_len": 0, "best_score": None, "stale": 0, "stop_reason": None}
+            "chosen": [], "history": [], "best_len": 0, "best_score": None, "best_confusions": {}, "stale": 0,
+            "stop_reason": None}
         chosen: list[Sample] = [by_id[i] for i in state["chosen"]]
         history: list[dict[str, Any]] = state["history"]
+        # the best kept set's per-image result, as the checkpoint keeps it: a resumed fit compares with exactly it
+        best = StoredResult.from_confusions(state["best_confusions"], state["best_score"]) if state["best_len"] else None
         self.resumed_steps_ = len(history)
         limit = min(self.max_prompts or len(pool), len(pool))
 
@@ -107,20 +135,27 @@ class ForwardSelector(PromptStrategy):
                 break
             candidates = [s for s in pool if s not in chosen]
             self._tick("step", len(chosen), limit)
-            scores = self._score_step(chosen, candidates)
-            pick = max(candidates, key=lambda c: comparable(scores[c.id]))  # ties: first in pool order
-            score = scores[pick.id]
-            first = not history
-            gain = comparable(score) - (0.0 if first else comparable(state["best_score"]))
+            results = self._score_step(chosen, candidates)
+            pick, advantage = self._pick(candidates, results)
+            result = results[pick.id]
+            score = result.miou
             chosen.append(pick)
-            accepted = first or (gain > 0 and gain >= self.min_gain)
-            if accepted:
-                state.update(best_len=len(chosen), best_score=score, stale=0)
+            if best is None:  # the first prompt is always kept: k >= 1
+                verdict = {"gain": comparable(score), "noise": 0.0, "images": len(getattr(result, "confusions", {})),
+                           "accepted": True}
+            else:
+                verdict = self.rule.judge(result, best).to_dict()
+            if verdict["accepted"]:
+                best = result
+                state.update(best_len=len(chosen), best_score=score, stale=0,
+                             best_confusions=confusions_to_json(result))
             else:
                 state["stale"] += 1
             history.append({
-                "step": len(history) + 1, "chosen": pick.id, "score": score, "gain": gain,
-                "accepted": bool(accepted), "memory_bytes": self.memory_for(len(chosen)), "candidates": scores,
+                "step": len(history) + 1, "chosen": pick.id, "score": score, **verdict,
+                "memory_bytes": self.memory_for(len(chosen)),
+                "candidates": {cid: (float("nan") if r is None else r.miou) for cid, r in results.items()},
+                **({"advantage": advantage} if advantage is not None else {}),
             })
             if state["stale"] >= self.patience:
                 state["stop_reason"] = "no_gain"
@@ -136,17 +171,22 @@ class ForwardSelector(PromptStrategy):
         self.history_ = history
         self.stop_reason_ = state["stop_reason"]
         self.n_evaluations_ = sum(len(h["candidates"]) for h in history)
+        self.largest_scored_ = len(history)
         self.memory_bytes_ = self.memory_for(len(self.selected_))
         return self
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "stop_reason": self.stop_reason_, "steps": len(self.history_),
-                "memory_bytes": self.memory_bytes_, "budget_bytes": self.budget_bytes_}
+                "memory_bytes": self.memory_bytes_, "budget_bytes": self.budget_bytes_,
+                "oracle": getattr(self.oracle, "mode", "holdout"), **self.rule.describe()}
 
     def figures(self, folder):
         from ..plots import plot_steps
 
         if not self.history_:
             return []
-        return [("Val mIoU per forward-selection step (hollow: step not kept)",
-                 plot_steps(self.history_, folder / "steps.png").name)]
+        what = "cross-validated mIoU" if getattr(self.oracle, "mode", "") == "cv" else "val mIoU"
+        return [(f"{what[0].upper()}{what[1:]} per forward-selection step (hollow: step not kept; shaded: the "
+                 f"level a step had to pass — the kept set's score on the same images plus the noise, rule "
+                 f"{self.rule.kind!r})", plot_steps(self.history_, folder / "steps.png", ylabel=what).name)]
+

@@ -31,6 +31,7 @@ from ..errors import ConfigError, DataError
 from ..index import EmbeddingIndex
 from ..oracle import OracleResult, ValidationOracle
 from ..space import MAX_K, Choice, Int
+from .acceptance import make_rule
 from .base import PromptStrategy
 
 
@@ -56,19 +57,29 @@ def mmr(query_sims: np.ndarray, cand_vecs: np.ndarray, k: int, diversity: float)
 
 
 def retrieve(index: EmbeddingIndex, encoder: Encoder, queries: Sequence[Sample], candidates: Sequence[Sample],
-             k: int, diversity: float = 0.0, batch_size: int = 16) -> dict[str, list[tuple[Sample, float]]]:
-    """Per query key, its k (candidate, similarity) pairs: top-k by cosine, or MMR when ``diversity`` > 0."""
+             k: int, diversity: float = 0.0, batch_size: int = 16,
+             exclude_self: bool = False) -> dict[str, list[tuple[Sample, float]]]:
+    """Per query key, its k (candidate, similarity) pairs: top-k by cosine, or MMR when ``diversity`` > 0.
+
+    ``exclude_self``: a query that is itself a candidate (a cross-validated oracle scores pool
+    images) never retrieves itself; it gets its k nearest *other* candidates.
+    """
     if k < 1:
         raise ConfigError(f"retrieval: k must be at least 1, got {k}")
     by_key = {c.key: c for c in candidates if c.key in index}
     if not by_key:
         raise ConfigError("retrieval: none of the pool examples is in the index; build it on this dataset "
                           "(`promptopt index build --data DIR --category C`)")
-    n_fetch = min(len(by_key), k if diversity == 0 else max(4 * k, 20))
+    if exclude_self and len(by_key) < 2 and any(q.key in by_key for q in queries):
+        raise ConfigError("retrieval: a query that is the only pool example has no other example to retrieve")
+    wanted = k if diversity == 0 else max(4 * k, 20)
+    n_fetch = min(len(by_key), wanted + (1 if exclude_self else 0))
     vecs = encoder.encode(queries, batch_size=batch_size)
     hits = index.search(vecs, n_fetch, restrict_to=list(by_key))
     out: dict[str, list[tuple[Sample, float]]] = {}
     for q, row in zip(queries, hits):
+        if exclude_self:
+            row = [(key, sim) for key, sim in row if key != q.key][:wanted]
         keys = [key for key, _ in row]
         sims = np.array([s for _, s in row], dtype=np.float32)
         order = mmr(sims, index.vectors(keys) if diversity > 0 else np.zeros((len(keys), 1), np.float32), k, diversity)
@@ -82,12 +93,19 @@ class RetrievalSelector(PromptStrategy):
     Parameters: ``oracle`` (val images); ``index`` (an :class:`EmbeddingIndex` or its
     folder) — or, without one, ``encoder`` (an encoder spec such as ``"features"``;
     ``"features+mask"`` for mask-aware pool embeddings), from which a flat index over
-    the pool is built at ``fit``; ``k`` prompts per query; ``diversity`` in [0, 1] (MMR).
+    the pool is built at ``fit``; ``k`` prompts per query, or ``"auto"``: k = 1, 2, …,
+    ``max_k`` in turn, each kept only if the acceptance rule (``rule``, ``noise_z``; see
+    :mod:`promptopt.strategies.acceptance`) finds its paired gain over the best k so far
+    real, stopping at the first k that is not kept; ``diversity`` in [0, 1] (MMR).
 
-    Attributes after ``fit``: ``assignment_`` (val image id → its prompt ids),
-    ``similarities_`` (the matching cosine similarities), ``selected_`` (every pool
-    example used by some val image, in pool order), ``score_`` (val mIoU),
-    ``result_`` (the oracle result), ``history_`` (one entry per val image).
+    With a cross-validated oracle, pool images are scored too, each with its nearest
+    *other* pool examples.
+
+    Attributes after ``fit``: ``k_`` (the k used), ``assignment_`` (val image id → its
+    prompt ids), ``similarities_`` (the matching cosine similarities), ``selected_`` (every
+    pool example used by some val image, in pool order), ``score_`` (val mIoU),
+    ``result_`` (the oracle result), ``history_`` (one entry per val image), ``k_history_``
+    (with ``k="auto"``: one entry per k tried, with its score, gain, noise and verdict).
     """
 
     name = "retrieval"
@@ -98,19 +116,24 @@ class RetrievalSelector(PromptStrategy):
                     Choice("diversity", (0.0, 0.3, 0.6)))
 
     def __init__(self, oracle: ValidationOracle, *, index: EmbeddingIndex | str | Path | None = None,
-                 encoder: str | Encoder | None = None, k: int = 4, diversity: float = 0.0, **common: Any) -> None:
+                 encoder: str | Encoder | None = None, k: int | str = 4, diversity: float = 0.0, max_k: int = 8,
+                 rule: str = "se", noise_z: float = 1.0, **common: Any) -> None:
         super().__init__(oracle, **common)
-        if k < 1:
-            raise ConfigError(f"retrieval: k must be at least 1, got {k}")
+        if k != "auto" and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise ConfigError(f"retrieval: k must be a whole number of at least 1 or 'auto', got {k!r}")
+        if max_k < 1:
+            raise ConfigError(f"retrieval: max_k must be at least 1, got {max_k}")
         if not 0.0 <= diversity <= 1.0:
             raise ConfigError(f"retrieval: diversity must be in [0, 1], got {diversity}")
         if index is None and encoder is None:
             raise ConfigError("strategy 'retrieval' needs an index (--index indexes/NAME; see `promptopt index build`) "
                               "or an encoder to index the pool with")
         self.index = index if index is None or isinstance(index, EmbeddingIndex) else EmbeddingIndex.load(index)
-        self.k = int(k)
+        self.k = k
+        self.max_k = int(max_k)
         self.diversity = float(diversity)
         self.encoder = encoder
+        self.rule = make_rule(rule, noise_z)
 
     def _encoder(self) -> Encoder:
         if not isinstance(self.encoder, Encoder):
@@ -120,8 +143,8 @@ class RetrievalSelector(PromptStrategy):
         return self.encoder
 
     def assign(self, queries: Sequence[Sample]) -> dict[str, list[Sample]]:
-        """Prompt set of each query (by key), from the fitted pool."""
-        hits = retrieve(self.index, self._encoder(), queries, self.pool_, self.k, self.diversity)
+        """Prompt set of each query (by key), from the fitted pool (never the query itself)."""
+        hits = retrieve(self.index, self._encoder(), queries, self.pool_, self.k_, self.diversity, exclude_self=True)
         return {key: [s for s, _ in row] for key, row in hits.items()}
 
     def prompts_for(self, queries: Sequence[Sample]) -> list[list[Sample]]:
@@ -132,9 +155,37 @@ class RetrievalSelector(PromptStrategy):
         """Score per-query retrieval on another oracle's images (the held-out test split)."""
         return oracle.score_assignment(self.assign(oracle.samples))
 
+    def _score_k(self, k: int) -> tuple[dict[str, list[tuple[Sample, float]]], OracleResult]:
+        hits = retrieve(self.index, self._encoder(), self.oracle.samples, self.pool_, k, self.diversity,
+                        exclude_self=True)
+        return hits, self.oracle.score_assignment({key: [s for s, _ in row] for key, row in hits.items()})
+
+    def _choose_k(self) -> tuple[int, dict[str, list[tuple[Sample, float]]], OracleResult]:
+        """k by the acceptance rule (``k="auto"``), or the given k: (k, hits, result)."""
+        # a pool image scored by a cross-validated oracle has one example fewer to retrieve from
+        top = len(self.pool_) - (1 if getattr(self.oracle, "cross_validate", False) else 0)
+        if self.k != "auto":
+            k = min(int(self.k), top)
+            return (k, *self._score_k(k))
+        cap = self.largest_fitting(min(self.max_k, top))
+        best = None
+        self.k_history_ = []
+        for k in range(1, cap + 1):
+            self._tick("k", k - 1, cap)
+            hits, result = self._score_k(k)
+            verdict = self.rule.judge(result, best[2]).to_dict() if best else {"gain": None, "noise": 0.0,
+                                                                               "accepted": True}
+            self.k_history_.append({"k": k, "score": result.miou, **verdict})
+            if verdict["accepted"]:
+                best = (k, hits, result)
+            else:
+                break
+        self._tick("k", cap, cap)
+        return best  # type: ignore[return-value]
+
     def fit(self, pool: Sequence[Sample]) -> "RetrievalSelector":
         pool = self._check_pool(pool)
-        self.require_fit(min(self.k, len(pool)))
+        self.require_fit(1 if self.k == "auto" else min(int(self.k), len(pool)))
         if self.index is None:
             self.index = pool_index(pool, self.encoder)  # type: ignore[arg-type]
             self.encoder = None
@@ -145,12 +196,11 @@ class RetrievalSelector(PromptStrategy):
             raise ConfigError("retrieval: none of the pool examples is in the index; build it on this dataset")
         self.pool_ = [s for s in pool if s.key in self.index]
         self.missing_from_index_ = missing
+        self.k_history_ = []
         self._tick("queries", 0, len(self.oracle.samples))
-        hits = retrieve(self.index, self._encoder(), self.oracle.samples, self.pool_, self.k, self.diversity)
+        self.k_, hits, self.result_ = self._choose_k()
         self._tick("queries", len(self.oracle.samples), len(self.oracle.samples))
-        assignment = {key: [s for s, _ in row] for key, row in hits.items()}
-        self.result_ = self.oracle.score_assignment(assignment)
-        used = {s.key for row in assignment.values() for s in row}
+        used = {s.key for row in hits.values() for s, _ in row}
         self.selected_ = [s for s in self.pool_ if s.key in used]
         self.score_ = float(self.result_.miou)
         self.assignment_ = {q.id: [s.id for s, _ in hits[q.key]] for q in self.oracle.samples}
@@ -158,11 +208,12 @@ class RetrievalSelector(PromptStrategy):
         per_image = self.result_.per_image_iou
         self.history_ = [{"query": q.id, "prompts": self.assignment_[q.id], "similarity": self.similarities_[q.id],
                           "iou": per_image.get(q.id)} for q in self.oracle.samples]
-        self.n_evaluations_ = 1
+        self.n_evaluations_ = max(1, len(self.k_history_))
         return self
 
     def summary(self) -> dict[str, Any]:
-        return {**super().summary(), "k": self.k, "diversity": self.diversity, "encoder": self.index.encoder,
+        auto = {"k_option": "auto", "k_history": self.k_history_, **self.rule.describe()} if self.k == "auto" else {}
+        return {**super().summary(), "k": self.k_, **auto, "diversity": self.diversity, "encoder": self.index.encoder,
                 "index_type": self.index.kind, "index_count": len(self.index), "assignment": self.assignment_,
                 "pool_not_in_index": self.missing_from_index_}
 
@@ -171,7 +222,7 @@ class RetrievalSelector(PromptStrategy):
 
     def artifact_extra(self, folder: str | Path) -> dict[str, Any]:
         self.saved_index().save(Path(folder) / "index")
-        return {"index": "index", "k": self.k, "diversity": self.diversity}
+        return {"index": "index", "k": self.k_, "diversity": self.diversity}
 
     def saved_index(self) -> EmbeddingIndex:
         """A flat index over the fitted pool only (what a saved retrieval prompt carries)."""

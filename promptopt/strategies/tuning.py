@@ -20,9 +20,15 @@ two-way softmax, background vs that class, placed in the class's channel).
 Optimisation: Adam, linear warm-up then cosine decay to zero; every
 ``eval_every`` steps the current contexts are scored on the validation images
 by the oracle (:meth:`~promptopt.oracle.ValidationOracle.score_contexts`, never
-cached: the tensors change); the best-scoring tensors are kept (the initial
-contexts included, so tuning never returns something worse on val than where
-it started) and tuning stops after ``patience`` evaluations without gain.
+cached: the tensors change), on every oracle image the contexts were not made
+from (a cross-validated oracle leaves the starting examples and the training
+images out; with the default training set that leaves the validation split).
+An evaluation replaces the kept tensors only if the acceptance rule
+(:mod:`promptopt.strategies.acceptance`, ``rule``/``noise_z``; by default one
+standard error of the per-image paired differences) says its gain over them is
+real — the initial contexts are the first kept ones, so tuning never ends below
+its start because of validation noise — and tuning stops after ``patience``
+evaluations that are not kept.
 Model parameters (the backend's declared :meth:`~promptopt.backends.base.Backend.modules`)
 are frozen for the duration of ``fit`` (``requires_grad`` switched off, modules in
 eval mode) and restored afterwards; after every backward pass the tuner checks
@@ -55,7 +61,8 @@ from ..errors import BudgetError, ConfigError, DataError
 from ..memory import format_bytes
 from ..oracle import OracleResult, ValidationOracle, prediction_to_labels
 from ..space import Choice, Float
-from .base import PromptStrategy, comparable
+from .acceptance import StoredResult, confusions_to_json, make_rule
+from .base import PromptStrategy
 
 TUNE_TARGETS = ("image", "mask", "both")
 CONTEXT_FILE = "context.safetensors"
@@ -187,6 +194,9 @@ class ContextTuner(PromptStrategy):
     eval_every, patience:
         Val mIoU every ``eval_every`` steps (default steps/3, at most 10); stop after
         ``patience`` evaluations without improvement (None: never stop early).
+    rule, noise_z:
+        When an evaluation counts as an improvement: "none" (any gain), "se" or "bootstrap"
+        (the gain must beat the per-image paired noise; see :mod:`promptopt.strategies.acceptance`).
     num_contexts, noise_size:
         For ``init="noise"``: how many contexts and their (H, W) (default: the first training image's size).
     context_side:
@@ -219,6 +229,8 @@ class ContextTuner(PromptStrategy):
         per_class: bool = False,
         eval_every: int | None = None,
         patience: int | None = 5,
+        rule: str = "se",
+        noise_z: float = 1.0,
         seed: int = 0,
         num_contexts: int = 1,
         noise_size: tuple[int, int] | None = None,
@@ -248,6 +260,7 @@ class ContextTuner(PromptStrategy):
         self.steps, self.lr, self.batch_size, self.warmup = int(steps), float(lr), int(batch_size), int(warmup)
         self.tune, self.per_class = tune, bool(per_class)
         self.eval_every, self.patience, self.seed = int(eval_every), patience, int(seed)
+        self.rule = make_rule(rule, noise_z)
         self.num_contexts = int(num_contexts)
         self.noise_size = tuple(noise_size) if noise_size is not None else None
         self.context_side = context_side
@@ -355,6 +368,7 @@ class ContextTuner(PromptStrategy):
             "init_kind": self.init_description(), "steps": self.steps, "lr": self.lr, "batch_size": self.batch_size,
             "warmup": self.warmup, "tune": self.tune, "per_class": self.per_class, "eval_every": self.eval_every,
             "patience": self.patience, "seed": self.seed, "context_side": self.context_side,
+            "oracle": self.oracle.mode, "rule": self.rule.describe(),
         })
 
     # --- fitting ----------------------------------------------------------------------------------------
@@ -382,6 +396,7 @@ class ContextTuner(PromptStrategy):
         init, spent = self._start(pool)
         init_keys = {s.key for s in init or []}
         train = [s for s in pool if s.key not in init_keys] or list(pool)
+        self._made_from = sorted(init_keys | {s.key for s in train})
         for s in train:
             if not s.has_mask:
                 raise DataError(f"tuning: training image {s.key} has no mask")
@@ -407,10 +422,11 @@ class ContextTuner(PromptStrategy):
                 sched.load_state_dict(blob["scheduler"])
                 best = [Context(i.clone(), m.clone()) for i, m in zip(blob["best_images"], blob["best_masks"])]
             else:
-                initial = self.oracle.score_contexts(self.initial_contexts_).miou
+                first = self.oracle.score_contexts(self.initial_contexts_, exclude=self._made_from)
+                initial = first.miou
                 st = {"step": 0, "history": [{"step": 0, "loss": None, "val_miou": initial, "lr": 0.0}], "losses": [],
                       "best_score": initial, "best_step": 0, "stale": 0, "stop_reason": None, "initial_score": initial,
-                      "train_s": 0.0}
+                      "train_s": 0.0, "best_confusions": confusions_to_json(first)}
                 best = [Context(x.image.clone(), x.mask.clone()) for x in self.initial_contexts_]
             self.resumed_step_ = st["step"]
             self._tick("tuning step", st["step"], self.steps)
@@ -463,11 +479,13 @@ class ContextTuner(PromptStrategy):
         """Score the current contexts on the oracle, keep them if best, decide whether to stop."""
         with torch.no_grad():
             current = [p.context() for p in params]
-        score = self.oracle.score_contexts(current).miou
+        result = self.oracle.score_contexts(current, exclude=self._made_from)
+        score = result.miou
+        verdict = self.rule.judge(result, StoredResult.from_confusions(st["best_confusions"], st["best_score"]))
         st["history"].append({"step": st["step"], "loss": float(np.mean(since_eval)) if since_eval else None,
-                              "val_miou": score, "lr": float(opt.param_groups[0]["lr"])})
-        if comparable(score) > comparable(st["best_score"]):
-            st.update(best_score=score, best_step=st["step"], stale=0)
+                              "val_miou": score, "lr": float(opt.param_groups[0]["lr"]), **verdict.to_dict()})
+        if verdict.accepted:
+            st.update(best_score=score, best_step=st["step"], stale=0, best_confusions=confusions_to_json(result))
             best = [Context(x.image.detach().clone(), x.mask.detach().clone()) for x in current]
         else:
             st["stale"] += 1
@@ -479,11 +497,12 @@ class ContextTuner(PromptStrategy):
 
     # --- what the fitted tuner offers -------------------------------------------------------------
     def evaluate(self, oracle: ValidationOracle) -> OracleResult:
-        return oracle.score_contexts(self.contexts_)
+        """The tuned contexts on an oracle's images, those they were made from left out."""
+        return oracle.score_contexts(self.contexts_, exclude=self._made_from)
 
     def extra_scores(self, oracle: ValidationOracle) -> dict[str, float]:
         """The untuned start as tensors and, when tuning started from examples, those examples as plain prompts."""
-        out = {"start": oracle.score_contexts(self.initial_contexts_).miou}
+        out = {"start": oracle.score_contexts(self.initial_contexts_, exclude=self._made_from).miou}
         if self.selected_:
             out["init_examples"] = oracle.score(self.selected_).miou
         return out
@@ -516,7 +535,8 @@ class ContextTuner(PromptStrategy):
         return {**super().summary(), "initial_val_miou": self.initial_score_, "best_step": self.best_step_,
                 "steps_run": self.steps_run_, "stop_reason": self.stop_reason_, "num_contexts": len(self.contexts_),
                 "tune": self.tune, "per_class": self.per_class, "train": [s.id for s in self.train_],
-                "context_shapes": [list(c.image.shape[1:]) for c in self.contexts_], **self.init_description()}
+                "context_shapes": [list(c.image.shape[1:]) for c in self.contexts_], **self.init_description(),
+                "oracle": self.oracle.mode, **self.rule.describe()}
 
 
 def context_to_sample(context: Context, id: str) -> Sample:

@@ -9,6 +9,7 @@ from promptopt.errors import BudgetError, ConfigError
 from promptopt.memory import format_bytes, parse_bytes
 from promptopt.oracle import ValidationOracle
 from promptopt.strategies import BestSingle, ForwardSelector, RandomK, RandomSearch, WorstCaseGreedy
+from promptopt.strategies.acceptance import StoredResult
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,8 @@ class ScriptedOracle:
         out = []
         for c in candidates:
             ids = [b.id for b in base] + [c.id]
-            out.append(SimpleNamespace(miou=self.table.get(frozenset(ids), 0.0), per_image_iou={}))
+            entry = self.table.get(frozenset(ids), 0.0)
+            out.append(entry if isinstance(entry, StoredResult) else SimpleNamespace(miou=entry, per_image_iou={}))
         return out
 
 
@@ -193,3 +195,64 @@ def test_shortlist_mode_on_model_combining_backend(car):
     assert short_oracle.forwards < exact_oracle.forwards
     # the shortlist's choice is scored exactly: its val score is a real joint-prediction score
     assert short.score_ == pytest.approx(ValidationOracle(make(), car.val).score(short.selected_).miou, abs=1e-9)
+
+
+def per_image(*ious, skip=None):
+    """A result whose images v0, v1, ... have these foreground IoUs (one image left out: cross-validated)."""
+    return StoredResult.from_confusions({f"v{i}": np.array([[100, 100 - round(100 * u)], [0, round(100 * u)]])
+                                         for i, u in enumerate(ious) if i != skip})
+
+
+def test_noise_rule_keeps_only_steps_whose_gain_beats_the_per_image_noise():
+    """Step 2's gain comes from one image (noise by the se rule): 'se' stops at one prompt, 'none' keeps it;
+    a gain seen on every image is kept by both. max_prompts is a cap the rule may stop short of."""
+    t = {frozenset("a"): per_image(.5, .5, .5, .5, .5), frozenset("b"): per_image(.3, .3, .3, .3, .3),
+         frozenset("ab"): per_image(.9, .49, .49, .49, .49)}
+    pool = pool_of("a", "b")
+    se = ForwardSelector(ScriptedOracle(t), rule="se", max_prompts=2).fit(pool)
+    assert se.selected_ids_ == ["a"] and se.stop_reason_ == "no_gain"
+    step = se.history_[1]
+    assert step["gain"] > 0 and step["noise"] > step["gain"] and step["images"] == 5 and not step["accepted"]
+    assert ForwardSelector(ScriptedOracle(t), rule="none", max_prompts=2).fit(pool).selected_ids_ == ["a", "b"]
+    t[frozenset("ab")] = per_image(.56, .55, .56, .55, .56)
+    assert ForwardSelector(ScriptedOracle(t), rule="se", max_prompts=2).fit(pool).selected_ids_ == ["a", "b"]
+
+
+def test_cross_validated_candidates_are_ranked_paired():
+    """Each singleton is scored without its own image; 'a' leaves out the image 'b' fails on, which inflates
+    its plain score. Forward selection and best single both pick 'b', the better prompt on common images."""
+    t = {frozenset("a"): per_image(.6, .6, .6, skip=0), frozenset("b"): per_image(0.0, .8, .8, skip=1)}
+    t = {k: StoredResult.from_confusions({("a" if i == "v0" else "b" if i == "v1" else i): cm
+                                          for i, cm in v.confusions.items()}) for k, v in t.items()}
+    assert t[frozenset("a")].miou > t[frozenset("b")].miou
+    sel = ForwardSelector(ScriptedOracle(t), max_prompts=1).fit(pool_of("a", "b"))
+    assert sel.selected_ids_ == ["b"] and set(sel.history_[0]["advantage"]) == {"a", "b"}
+    assert BestSingle(ScriptedOracle(t)).fit(pool_of("a", "b")).selected_ids_ == ["b"]
+
+
+def test_cross_validated_forward_resumes_exactly(car, tmp_path):
+    """Cross-validated oracle and the se rule: every step is scored on every image but its prompts, and a fit
+    interrupted after step 2 resumes from the run's checkpoint (the kept set's per-image result included) to
+    exactly the uninterrupted answer."""
+    from promptopt.run import Run
+
+    images = car.pool + car.val
+    make = lambda: ValidationOracle(small_backend(), images, cross_validate=True)  # noqa: E731
+    full = ForwardSelector(make(), max_prompts=4, patience=2).fit(car.pool)
+    assert [h["images"] for h in full.history_[1:]] == [len(images) - s for s in range(2, len(full.history_) + 1)]
+    assert all("advantage" in h for h in full.history_)
+
+    def interrupt(label, done, total):
+        if label == "step" and done == 2 and done < total:
+            raise KeyboardInterrupt
+
+    run = Run(tmp_path / "run", {"test": "forward-cv"})
+    with pytest.raises(KeyboardInterrupt):
+        ForwardSelector(make(), max_prompts=4, patience=2, checkpoint=run.checkpoint("s"), progress=interrupt).fit(car.pool)
+    run = Run(tmp_path / "run", {"test": "forward-cv"})
+    resumed = ForwardSelector(make(), max_prompts=4, patience=2, checkpoint=run.checkpoint("s")).fit(car.pool)
+    assert resumed.resumed_steps_ == 2
+    assert resumed.selected_ids_ == full.selected_ids_ and resumed.history_ == full.history_
+    assert resumed.stop_reason_ == full.stop_reason_
+    with pytest.raises(ConfigError, match="another configuration"):
+        ForwardSelector(make(), max_prompts=4, patience=2, rule="none", checkpoint=run.checkpoint("s")).fit(car.pool)

@@ -35,6 +35,12 @@ def _select(task: Task, out: Path, **kw):
                         random_seeds=2, **kw)
 
 
+def _select_cv(task: Task, out: Path):
+    """Forward selection scored by the cross-validated oracle, kept by the bootstrap rule."""
+    return run_strategy(task, BackendSpec("features", None, FAST), out, "forward",
+                        {"max_prompts": 3, "patience": 2, "rule": "bootstrap"}, oracle="cv", random_seeds=2)
+
+
 def _tune(task: Task, out: Path):
     return run_strategy(task, BackendSpec("features", None, FAST), out, "tuned",
                         {"steps": 6, "eval_every": 2, "batch_size": 2, "warmup": 1, "patience": None})
@@ -53,11 +59,12 @@ def _count_saves(monkeypatch: pytest.MonkeyPatch, fn) -> int:
     return len(seen)
 
 
-@pytest.mark.parametrize("kind", ["select", "tune"])
+@pytest.mark.parametrize("kind", ["select", "select-cv", "tune"])
 def test_killed_at_every_state_write_then_rerun_equals_uninterrupted(kind, blob_dataset: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     task = _task(blob_dataset)
-    go = (lambda out: _select(task, out)) if kind == "select" else (lambda out: _tune(task, out))
+    go = {"select": lambda out: _select(task, out), "select-cv": lambda out: _select_cv(task, out),
+          "tune": lambda out: _tune(task, out)}[kind]
     saves = _count_saves(monkeypatch, lambda: go(tmp_path / "reference"))
     reference = read_json(tmp_path / "reference" / "result.json")
     assert saves >= 4  # steps or evaluations, each baseline, the finish: every one is a kill point below

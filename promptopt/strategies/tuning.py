@@ -381,7 +381,8 @@ class ContextTuner(PromptStrategy):
 
             first = BestSingle(self.oracle).fit(pool)
             return list(first.selected_), first.n_evaluations_
-        val_keys = {s.key for s in self.oracle.samples}
+        # a cross-validated oracle never scores the images the contexts are made from (see score_contexts)
+        val_keys = set() if self.oracle.cross_validate else {s.key for s in self.oracle.samples}
         leaked = [s.id for s in self.init if s.key in val_keys]
         if leaked:
             raise ConfigError(f"tuning: init examples {leaked[:5]} are validation images")

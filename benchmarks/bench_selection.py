@@ -46,6 +46,10 @@ MODES = ("holdout", "cv")
 CONFIGS = (("none", "none", 1.0, 1), ("se@0.5", "se", 0.5, 1), ("se@1", "se", 1.0, 1), ("se@2", "se", 2.0, 1),
            ("se@1,p2", "se", 1.0, 2), ("bootstrap@1", "bootstrap", 1.0, 1))
 
+#: context tuning (default patience): the old behaviour (any gain is a new best), the se rule, and the se rule under a
+#: cv oracle (its best-single start is chosen cross-validated; evaluations leave out the start and the training images)
+TUNING_CONFIGS = (("holdout", "none"), ("holdout", "se"), ("cv", "se"))
+
 
 def jobs(args) -> list[tuple[Any, str, dict[str, Any]]]:
     out = []
@@ -169,9 +173,36 @@ def summarize(args) -> dict[str, Any]:
               f"{100 * t['beats_random_k']:.0f} % | {t['gain_vs_random_k']:+.3f} | {t['random_search_test']:.3f} | "
               f"{t['gain_vs_random_search']:+.3f} | {t['best_single_test']:.3f} | {t['random_cap_test']:.3f} | "
               f"{t['evaluations']:.0f} |")
-    doc = {"summary": table, "rows": rows}
+    per_category = category_table(rows, DETAIL)
+    doc = {"summary": table, "per_category": per_category, "rows_file": "selection_rows.jsonl"}
     (out / "selection.json").write_text(json.dumps(doc, indent=1))
     return doc
+
+
+#: configs shown per category: today's behaviour, the cv oracle alone, and the cv oracle with the se rule
+DETAIL = ("holdout/none", "cv/none", "cv/se@1")
+
+
+def category_table(rows: list[dict[str, Any]], configs: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Per category, means over its seeds: forward's k and test mIoU, and its gain over random-k and random search."""
+    cats = list(dict.fromkeys(r["category"] for r in rows))
+    out = []
+    print("\n| category | seeds | " + " | ".join(f"{c}: k, test, vs random-k, vs random search" for c in configs) + " |")
+    print("|---|---|" + "---|" * len(configs))
+    for cat in cats:
+        rs = [r for r in rows if r["category"] == cat]
+        entry: dict[str, Any] = {"category": cat, "seeds": len(rs)}
+        cells = []
+        for c in configs:
+            vals = {key: float(np.mean([r["configs"][c][field] for r in rs]))
+                    for key, field in (("k", "k"), ("test", "test"), ("random_k", "random_k_test"),
+                                       ("random_search", "random_search_test"))}
+            entry[c] = vals
+            cells.append(f"{vals['k']:.1f}, {vals['test']:.3f}, {vals['test'] - vals['random_k']:+.3f}, "
+                         f"{vals['test'] - vals['random_search']:+.3f}")
+        out.append(entry)
+        print(f"| {cat} | {len(rs)} | " + " | ".join(cells) + " |")
+    return out
 
 
 def tuning(args) -> None:
@@ -191,18 +222,17 @@ def tuning(args) -> None:
         _, test = task.oracles(backend)
         row: dict[str, Any] = {"category": cat, "seed": seed, "configs": {}}
         t0 = time.perf_counter()
-        for mode in MODES:
+        for mode, rule in TUNING_CONFIGS:
             oracle, _ = task.oracles(backend, mode=mode)
-            for rule, patience in (("none", 5), ("se", 2)):
-                tuner = ContextTuner(oracle, steps=args.steps, eval_every=args.eval_every, batch_size=4,
-                                     patience=patience, rule=rule, noise_z=args.z).fit(task.pool)
-                row["configs"][f"{mode}/{name}"] = {
-                    "start_test": test.score_contexts(tuner.initial_contexts_).miou,
-                    "tuned_test": test.score_contexts(tuner.contexts_).miou,
-                    "start_val": tuner.initial_score_, "tuned_val": tuner.score_, "best_step": tuner.best_step_,
-                    "steps_run": tuner.steps_run_, "stop_reason": tuner.stop_reason_,
-                    "init": tuner.selected_ids_,
-                }
+            tuner = ContextTuner(oracle, steps=args.steps, eval_every=args.eval_every, batch_size=4,
+                                 rule=rule, noise_z=args.z).fit(task.pool)
+            row["configs"][f"{mode}/{rule}"] = {
+                "start_test": test.score_contexts(tuner.initial_contexts_).miou,
+                "tuned_test": test.score_contexts(tuner.contexts_).miou,
+                "start_val": tuner.initial_score_, "tuned_val": tuner.score_, "best_step": tuner.best_step_,
+                "steps_run": tuner.steps_run_, "stop_reason": tuner.stop_reason_,
+                "init": tuner.selected_ids_, "evaluations": tuner.history_,
+            }
         row["seconds"] = round(time.perf_counter() - t0, 1)
         row["options"] = {"backend": backend_options(args), "steps": args.steps, "eval_every": args.eval_every,
                           "noise_z": args.z, "split": split}
@@ -219,7 +249,7 @@ def tuning(args) -> None:
         summary.append({"config": key, "start_test": float(s.mean()), "tuned_test": float(t.mean()),
                         "below_start": int(np.sum(t < s)), "pairs": len(rows)})
         print(f"| {key} | {s.mean():.3f} | {t.mean():.3f} | {int(np.sum(t < s))} of {len(rows)} | {(t - s).mean():+.3f} |")
-    (out / "tuning_selection.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    (out / "tuning_selection.json").write_text(json.dumps({"summary": summary, "rows_file": path.name}, indent=1))
 
 
 def main() -> None:
@@ -244,7 +274,7 @@ def main() -> None:
             p.add_argument("--summary-only", action="store_true")
         else:
             p.add_argument("--steps", type=int, default=12)
-            p.add_argument("--eval-every", type=int, default=2)
+            p.add_argument("--eval-every", type=int, default=3)
     args = ap.parse_args()
     if args.cmd == "select":
         summarize(args) if args.summary_only else select(args)

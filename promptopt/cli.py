@@ -143,9 +143,9 @@ class SelectionArgs:
     oracle: Optional[str] = _opt(None, "--oracle", help="What selection is scored on: holdout (the val split) or cv "
                                                         "(pool and val, each prompt set without its own prompts); "
                                                         "default: promptopt.run.DEFAULT_ORACLE.")
-    rule: Optional[str] = _opt(None, "--rule", help="When a step's gain counts: none (any gain), se (above "
-                                                    "--noise-z standard errors of the per-image differences; "
-                                                    "the default) or bootstrap.")
+    rule: Optional[str] = _opt(None, "--rule", help="When a step's gain counts: none (any paired gain; select's "
+                                                    "default), se (above --noise-z standard errors of the "
+                                                    "per-image differences; tune's default) or bootstrap.")
     noise_z: Optional[float] = _opt(None, "--noise-z", help="Strictness of --rule se/bootstrap (default 1).")
 
     def rule_options(self) -> dict[str, Any]:

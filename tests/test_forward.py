@@ -238,7 +238,7 @@ def test_cross_validated_forward_resumes_exactly(car, tmp_path):
 
     images = car.pool + car.val
     make = lambda: ValidationOracle(small_backend(), images, cross_validate=True)  # noqa: E731
-    full = ForwardSelector(make(), max_prompts=4, patience=2).fit(car.pool)
+    full = ForwardSelector(make(), max_prompts=4, patience=2, rule="se").fit(car.pool)
     assert [h["images"] for h in full.history_[1:]] == [len(images) - s for s in range(2, len(full.history_) + 1)]
     assert all("advantage" in h for h in full.history_)
 
@@ -248,9 +248,10 @@ def test_cross_validated_forward_resumes_exactly(car, tmp_path):
 
     run = Run(tmp_path / "run", {"test": "forward-cv"})
     with pytest.raises(KeyboardInterrupt):
-        ForwardSelector(make(), max_prompts=4, patience=2, checkpoint=run.checkpoint("s"), progress=interrupt).fit(car.pool)
+        ForwardSelector(make(), max_prompts=4, patience=2, rule="se", checkpoint=run.checkpoint("s"),
+                        progress=interrupt).fit(car.pool)
     run = Run(tmp_path / "run", {"test": "forward-cv"})
-    resumed = ForwardSelector(make(), max_prompts=4, patience=2, checkpoint=run.checkpoint("s")).fit(car.pool)
+    resumed = ForwardSelector(make(), max_prompts=4, patience=2, rule="se", checkpoint=run.checkpoint("s")).fit(car.pool)
     assert resumed.resumed_steps_ == 2
     assert resumed.selected_ids_ == full.selected_ids_ and resumed.history_ == full.history_
     assert resumed.stop_reason_ == full.stop_reason_

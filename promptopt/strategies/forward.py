@@ -6,8 +6,9 @@ with a cross-validated oracle, whose candidates are scored on slightly different
 images, the highest mean paired gain over the other candidates — see
 :mod:`promptopt.strategies.acceptance`). A step is *kept* only if the acceptance
 rule says its paired gain over the best set so far is real: positive, at least
-``min_gain`` and, by default (``rule="se"``), above one standard error of the
-per-image IoU differences. Selection stops after ``patience`` consecutive steps
+``min_gain`` and, with ``rule="se"`` or ``"bootstrap"``, above the per-image
+paired noise (by default, ``rule="none"``, any positive paired gain counts: see
+``DEFAULT_RULE`` for the measurement behind it). Selection stops after ``patience`` consecutive steps
 that are not kept (the answer is then the best kept prefix), when one more
 prompt would not fit the memory budget, or at ``max_prompts`` — a cap, not a
 target: the rule picks k.
@@ -28,7 +29,7 @@ from ..artifacts import fingerprint
 from ..data import Sample
 from ..errors import ConfigError
 from ..space import MAX_K, Int
-from .acceptance import StoredResult, confusions_to_json, make_rule, rank, same_images
+from .acceptance import DEFAULT_RULE, StoredResult, confusions_to_json, make_rule, rank, same_images
 from .base import PromptStrategy, comparable
 
 
@@ -56,7 +57,7 @@ class ForwardSelector(PromptStrategy):
     search_space = (Int("max_prompts", 1, MAX_K), Int("patience", 1, 2))
 
     def __init__(self, oracle, *, max_prompts: int | None = None, min_gain: float = 0.0, patience: int = 1,
-                 shortlist: int | None = None, rule: str = "se", noise_z: float = 1.0, **common: Any) -> None:
+                 shortlist: int | None = None, rule: str = DEFAULT_RULE, noise_z: float = 1.0, **common: Any) -> None:
         super().__init__(oracle, **common)
         if max_prompts is not None and max_prompts < 1:
             raise ConfigError(f"max_prompts must be at least 1, got {max_prompts}")

@@ -31,7 +31,7 @@ from ..errors import ConfigError, DataError
 from ..index import EmbeddingIndex
 from ..oracle import OracleResult, ValidationOracle
 from ..space import MAX_K, Choice, Int
-from .acceptance import make_rule
+from .acceptance import DEFAULT_RULE, make_rule
 from .base import PromptStrategy
 
 
@@ -117,7 +117,7 @@ class RetrievalSelector(PromptStrategy):
 
     def __init__(self, oracle: ValidationOracle, *, index: EmbeddingIndex | str | Path | None = None,
                  encoder: str | Encoder | None = None, k: int | str = 4, diversity: float = 0.0, max_k: int = 8,
-                 rule: str = "se", noise_z: float = 1.0, **common: Any) -> None:
+                 rule: str = DEFAULT_RULE, noise_z: float = 1.0, **common: Any) -> None:
         super().__init__(oracle, **common)
         if k != "auto" and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise ConfigError(f"retrieval: k must be a whole number of at least 1 or 'auto', got {k!r}")

@@ -92,7 +92,8 @@ def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | P
 
     ``out_dir`` gets one PNG per image (see :func:`mask_names` and :func:`label_png`),
     ``predictions.csv`` (image, mask file, class, area in pixels, the prompts the image was given, and the
-    IoU against ``masks/<stem>.png`` when a ground-truth folder is given), and with ``overlays`` a
+    IoU against ``masks/<stem>.png`` when a ground-truth folder is given — not for images whose stem another
+    image shares, which no mask names unambiguously), and with ``overlays`` a
     ``overlays/`` folder of images with the prediction drawn over them.
     """
     import csv
@@ -124,7 +125,8 @@ def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | P
 
             save_image(out / "overlays" / name, mask_overlay(q.image, labels))
         iou = None
-        truth_path = truth_dir / f"{Path(q.id).stem}.png" if truth_dir is not None else None
+        unique = name == f"{Path(q.id).stem}.png"  # a stem two images share matches no ground truth unambiguously
+        truth_path = truth_dir / f"{Path(q.id).stem}.png" if truth_dir is not None and unique else None
         if truth_path is not None and truth_path.is_file():
             acc = IoUAccumulator(art.num_classes)
             acc.add(labels, read_mask(truth_path), q.id)

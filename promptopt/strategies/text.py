@@ -36,7 +36,10 @@ A fixed choice (``text=``)
     :meth:`TextPromptSelector.resolve_search_space` turns that declaration into
     ``Choice("text", <every combination>)`` given the strategy's options. A
     search that calls it (and passes the same options to the strategy) searches
-    over candidates; the backends declare their thresholds themselves.
+    over candidates; the backends declare their thresholds themselves. A
+    search that does not resolve it passes :data:`CANDIDATES` itself, which
+    means "no fixed choice": each trial picks among the candidates (the
+    category name when it was given none) at the thresholds the trial chose.
 
 Baselines (:meth:`TextPromptSelector.extra_scores`)
     ``first candidate`` (the user's first guess per class, what one would use
@@ -205,10 +208,7 @@ class TextPromptSelector(PromptStrategy):
             candidates = {i: [t] for i, t in enumerate(named, start=1)}
         self.candidates = parse_candidates(candidates, c)
         self.text = None
-        if text is not None:
-            if text == CANDIDATES:
-                raise ConfigError("text: the search passed the placeholder of the candidates; it must resolve them "
-                                  "with TextPromptSelector.resolve_search_space(options, num_classes)")
+        if text is not None and text != CANDIDATES:  # the unresolved declaration: choose among the candidates here
             self.text = decode_choice(text, c)
             if any(t not in self.candidates[i] for i, t in enumerate(self.text, start=1)):
                 shown = {i: list(p) for i, p in self.candidates.items()}

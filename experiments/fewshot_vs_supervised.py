@@ -118,7 +118,8 @@ def _labelled_and_test(samples: list[Sample], cfg: dict[str, Any]) -> tuple[list
     return sp.pool, sp.test
 
 
-def category_task(ds: Dataset, cat: str, cfg: dict[str, Any], data_root: Path | None = None) -> tuple[list[Sample], Task]:
+def category_task(ds: Dataset, cat: str, cfg: dict[str, Any],
+                  data_root: Path | None = None) -> tuple[list[Sample], Task]:
     """A category's labelled images and its task: pool / val from the labelled part, the shared test images."""
     labelled, test = _labelled_and_test(ds.samples(cat), cfg)
     n_val = max(1, int(round(float(cfg.get("fewshot_val", 0.33)) * len(labelled))))
@@ -131,7 +132,8 @@ def category_task(ds: Dataset, cat: str, cfg: dict[str, Any], data_root: Path | 
 def load_config(config_path: Path) -> tuple[dict[str, Any], Path, Dataset]:
     """The config, its data root (``data``, relative to the config file unless absolute) and the dataset."""
     cfg = json.loads(Path(config_path).read_text())
-    data_root = (Path(config_path).parent / cfg["data"]).resolve() if not Path(cfg["data"]).is_absolute() else Path(cfg["data"])
+    data = Path(cfg["data"])
+    data_root = data if data.is_absolute() else (Path(config_path).parent / data).resolve()
     return cfg, data_root, load_dataset(data_root, category=cfg.get("categories"))
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
@@ -34,7 +33,7 @@ from promptopt.cli import app  # noqa: E402
 from promptopt.data import bundled_sample_root  # noqa: E402
 from promptopt.errors import BudgetError, ConfigError, DataError  # noqa: E402
 from promptopt.oracle import ValidationOracle, prediction_to_labels  # noqa: E402
-from promptopt.predict import predict_folder, predict_labels  # noqa: E402
+from promptopt.predict import predict_labels  # noqa: E402
 from promptopt.run import run_strategy  # noqa: E402
 from promptopt.search import run_search, suggest  # noqa: E402
 from promptopt.space import Choice, Float  # noqa: E402

@@ -300,7 +300,8 @@ class TextPromptSelector(PromptStrategy):
         return self
 
     def _coordinate_ascent(self, score: Any) -> None:
-        """From the first candidates, per class in turn keep the best phrase (others fixed) until a pass changes nothing."""
+        """From the first candidates, per class in turn keep the best phrase (the others fixed), until a pass
+        changes nothing."""
         current = [v[0] for v in self.candidates.values()]
         best = score(tuple(current))
         changed = True
@@ -344,12 +345,24 @@ class TextPromptSelector(PromptStrategy):
         return {"texts": list(self.texts_), "candidates": {str(k): list(v) for k, v in self.candidates.items()}}
 
     def figures(self, folder: Path) -> list[tuple[str, str]]:
-        from ..plots import plot_strategy_scores
+        """A bar per text prompt tried (the 20 best), by val mIoU, the chosen one on top and darker."""
+        import matplotlib.pyplot as plt
+
+        from ..plots import save_figure
 
         ranked = sorted(self.history_, key=lambda h: -comparable(h["val_miou"]))[:20]
-        rows = [{"name": " | ".join(h["texts"]), "val_miou": h["val_miou"], "test_miou": None} for h in ranked]
-        return [("Val mIoU of each text prompt tried (best first; the chosen one is the first bar)",
-                 plot_strategy_scores(rows, folder / "text_candidates.png", "Val mIoU per text prompt").name)]
+        scores = [h["val_miou"] if h["val_miou"] is not None else float("nan") for h in ranked]
+        names = [" | ".join(h["texts"]) for h in ranked]
+        fig, ax = plt.subplots(figsize=(6, 0.8 + 0.3 * len(ranked)))
+        colours = ["#1f77b4" if tuple(h["texts"]) == self.texts_ else "#aec7e8" for h in ranked]
+        ax.barh(range(len(ranked)), scores, color=colours)
+        ax.set_yticks(range(len(ranked)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("val mIoU")
+        ax.set_xlim(0, 1)
+        ax.set_title(f"Text prompts tried: {len(self.history_)} ({self.search_})", fontsize=9)
+        path = save_figure(fig, folder / "text_candidates.png")
+        return [("Val mIoU of each text prompt tried (best first; the chosen one is dark)", path.name)]
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "texts": list(self.texts_), "search": self.search_,

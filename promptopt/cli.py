@@ -248,7 +248,8 @@ def select(
     b: BackendArgs,
     r: RunArgs,
     strategy: str = typer.Option("forward", "--strategy",
-                                 help="forward | random | best-single | random-search | worst-case | retrieval | tuned"),
+                                 help="forward | random | best-single | random-search | worst-case | retrieval | tuned "
+                                      "| text"),
     max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="At most K prompts (the k of the baselines)."),
     k: Optional[int] = typer.Option(None, "--k", help="Exactly K prompts (random, random-search, retrieval)."),
     min_gain: Optional[float] = typer.Option(None, "--min-gain", help="forward: smallest val-mIoU gain that counts."),
@@ -256,6 +257,8 @@ def select(
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help="forward, model-combining backends: exact-score only the top M."),
     index: Optional[Path] = typer.Option(None, "--index", help="retrieval: index folder (promptopt index build)."),
     diversity: Optional[float] = typer.Option(None, "--diversity", help="retrieval: MMR diversity in [0, 1]."),
+    text: Optional[List[str]] = typer.Option(None, "--text", help="text: a candidate phrase (repeatable); semantic "
+                                                                  "tasks name the class, --text '1:car lamp'."),
     strategy_option: Optional[List[str]] = typer.Option(None, "--strategy-option", help="Other strategy option key=value."),
     seeds: int = typer.Option(10, "--random-seeds", help="Seeds of the random-k baseline."),
     no_baselines: bool = _flag("--no-baselines", help="Skip the baselines."),
@@ -264,8 +267,10 @@ def select(
     with user_errors():
         from .run import run_strategy
 
+        if text and strategy != "text":
+            raise ConfigError(f"--text gives candidate phrases to --strategy text, not to --strategy {strategy}")
         options = {"max_prompts": max_prompts, "k": k, "min_gain": min_gain, "patience": patience,
-                   "shortlist": shortlist, "index": index, "diversity": diversity,
+                   "shortlist": shortlist, "index": index, "diversity": diversity, "candidates": text or None,
                    **_options(strategy_option, "--strategy-option")}
         _run_each(t, r, lambda task, folder, prog: run_strategy(
             task, b.spec(), folder, strategy, {k_: v for k_, v in options.items() if v is not None},

@@ -85,6 +85,7 @@ import torch.nn.functional as F
 
 from ..data import Sample
 from ..errors import CheckpointError, ConfigError
+from ..space import Float
 from .base import Backend, Context, Prompt, Stats, TextPrompt, infer_num_classes, one_hot_mask
 from .cache import TensorLRU
 from .checkpoints import check_options, load_config, load_part, locate, resolve_dtype
@@ -178,6 +179,8 @@ class CLIPSegBackend(Backend):
     name = "clipseg"
     combines = "output"
     prompt_types = frozenset({"text", "image"})
+    #: a search may move the foreground cut (the authors report 0.3 and 0.5; the range brackets both)
+    search_space = (Float("threshold", 0.1, 0.7),)
 
     def __init__(self, model: Any = None, processor: Any = None, *, checkpoint: str | None = None,
                  threshold: float = 0.5, device: str | torch.device = "cpu", dtype: str = "float32",

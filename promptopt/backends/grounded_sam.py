@@ -74,6 +74,7 @@ import torch
 
 from ..data import Sample
 from ..errors import CheckpointError, ConfigError
+from ..space import Float
 from .base import Backend, Prompt, Stats, TextPrompt, infer_num_classes
 from .cache import TensorLRU
 from .checkpoints import check_options, load_config, load_part, locate, resolve_dtype
@@ -125,6 +126,9 @@ class GroundedSAMBackend(Backend):
     name = "grounded-sam"
     combines = "output"
     prompt_types = frozenset({"text"})
+    #: a search may move both detection thresholds around the demo's 0.3 / 0.25 (a backend made by
+    #: :meth:`with_options` shares the raw detections, so moving a threshold there runs no model)
+    search_space = (Float("box_threshold", 0.1, 0.6), Float("text_threshold", 0.1, 0.6))
 
     def __init__(
         self,

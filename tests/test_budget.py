@@ -26,7 +26,7 @@ class MeteredBackend(FeaturesBackend):
         super().__init__(**FAST, **kw)
         self.sizes: list[int] = []
 
-    def memory_bytes(self, num_prompts, image_size=None):
+    def memory_bytes(self, num_prompts, image_size=None, num_classes=2):
         return 100 * num_prompts
 
     def predict(self, prompts, queries, num_classes=None):

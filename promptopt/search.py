@@ -473,19 +473,20 @@ def run_search(task: Task, out: str | Path, backend: BackendSpec | str = "featur
     run.begin()  # the study and the trial folders live in the run folder: it must be a run before they exist
     search.fit()
     with publication_lock(search.run_dir):
-        run = Run(out, search.spec())  # read again: a worker sharing this folder may have published meanwhile
-        if run.finished and run.result().get("n_trials", 0) >= search.n_trials:
-            return run.result()
+        now = Run(out, search.spec())  # read again: a worker sharing this folder may have published meanwhile
+        if now.finished and now.result().get("n_trials", 0) >= search.n_trials:
+            return now.result()
         _publish(search.best_prompt_.parent, search.run_dir / "best")
         # scored from the trial's own folder, which no other worker ever rewrites
         test = score_artifact(search.best_prompt_, task.split.test, task.num_classes) if task.split.test else None
         result, cost = search_result(search, test, command)
         cost = {"wall_s_session": round(time.perf_counter() - t0, 3), **cost}
         write_search_report(search.run_dir, result, cost, search.study_, task, search.best_prompt_)
-        if search.log:
-            search.log(f"published best/ in {search.run_dir}: trial {result['best_trial']} "
-                       f"(study trial #{cost['best_trial_number']}), val mIoU {result['val_miou']:.4f}")
-        return run.finish(result, cost)
+        finished = run.finish(result, cost)
+    if search.log:
+        search.log(f"published best/ in {search.run_dir}: trial {result['best_trial']} "
+                   f"(study trial #{cost['best_trial_number']}), val mIoU {result['val_miou']:.4f}")
+    return finished
 
 
 def write_search_report(out: Path, result: dict[str, Any], cost: dict[str, Any], study: optuna.Study, task: Task,

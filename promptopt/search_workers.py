@@ -18,7 +18,8 @@ Exactly ``n_trials``
     its check and not run. Before asking, a worker whose every remaining slot is held by a running trial
     waits (polling the storage) instead of creating a surplus trial, so surplus trials only come from
     true races. A worker leaves only once n_trials trials are finished: a trial that fails late, or the
-    trial of a worker that died, is always taken over by a live worker.
+    trial of a worker that died, is always taken over by a live worker. ``ask`` runs queued (WAITING)
+    trials first; one left over when the study is complete stays queued for an extension.
 
 Dead workers
     Before asking, and while waiting, a worker fails the trials of dead workers and queues their
@@ -31,8 +32,8 @@ Dead workers
 
 No repeated work
     Once a trial's parameters are suggested, an earlier finished trial with the same parameters gives
-    its outcome (value, or pruning) instead of a new evaluation (``duplicate_of``); while such a twin is
-    still running, the trial waits for it.
+    its outcome (value, or pruning) instead of a new evaluation (``duplicate_of``); while such a twin that
+    started running first is still running, the trial waits for it.
 
 Seeds
     The sampler is rebuilt before each ``ask`` with a seed derived from the study's seed and the trial's
@@ -51,6 +52,7 @@ import secrets
 import threading
 import time
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -203,6 +205,12 @@ def is_surplus(trials: Sequence[FrozenTrial], number: int, n_trials: int) -> boo
     return held >= n_trials
 
 
+def _started(trial: FrozenTrial) -> tuple[datetime, int]:
+    """Order of running trials by when they started (number breaks ties): every worker reads the same values."""
+    start = trial.datetime_start or datetime.max
+    return (start.replace(tzinfo=None), trial.number)
+
+
 def sampler_seed(seed: int | None, ordinal: int, worker: Any = None) -> int:
     """The seed of the sampler that draws the trial at ``ordinal`` (fresh randomness when ``seed`` is None)."""
     if seed is None:
@@ -228,6 +236,7 @@ class Worker:
         self.study, self.n_trials, self.suggest, self.evaluate = study, int(n_trials), suggest, evaluate
         self.sampler_for, self.seed, self.poll, self.max_failures = sampler_for, seed, float(poll), int(max_failures)
         self.reused_attrs, self.log, self.on_trial = tuple(reused_attrs), log, on_trial
+        self.storage = study._storage  # Optuna offers no public handle; trial-level calls (heartbeat, FAIL) need it
         self.dead = DeadTrials(study, grace_period, log)
         self.ran: list[int] = []  # trials this worker evaluated or reused (told COMPLETE, PRUNED or FAIL)
 
@@ -244,7 +253,7 @@ class Worker:
             if finished >= self.n_trials:
                 return self.ran
             running = sum(t.state == TrialState.RUNNING for t in trials)
-            if not any(t.state == TrialState.WAITING for t in trials) and finished + running >= self.n_trials:
+            if finished + running >= self.n_trials:
                 time.sleep(self.poll)  # every open slot is being worked on: wait, in case one fails
                 continue
             ordinal = len(trials) - len(void_trials(trials))
@@ -262,7 +271,7 @@ class Worker:
             self.ran.append(trial.number)
             state, error = outcome
             if self.on_trial:
-                self.on_trial(self.study._storage.get_trial(trial._trial_id), self._finished())
+                self.on_trial(self.storage.get_trial(trial._trial_id), self._finished())
             if state == TrialState.FAIL:
                 failures.append(f"trial {trial.number}: {error}")
                 self._say(f"trial {trial.number} failed: {error}")
@@ -277,7 +286,7 @@ class Worker:
     def _attempt(self, trial: optuna.Trial) -> tuple[TrialState, str | None] | None:
         """Run one asked trial to its end: (state, error message), or None when it was surplus."""
         try:
-            with heartbeat(self.study._storage, trial._trial_id):
+            with heartbeat(self.storage, trial._trial_id):
                 trial.set_user_attr("worker", worker_name())
                 trial.set_user_attr("process", this_process())
                 surplus = is_surplus(self.study.get_trials(deepcopy=False), trial.number, self.n_trials)
@@ -320,19 +329,22 @@ class Worker:
         except UpdateFinishedTrialError:
             raise
         except Exception as exc:  # a CUDA out-of-memory error, a corrupt image met mid-trial, ...
-            error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+            text = str(exc).strip()
+            error = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
             trial.set_user_attr("error", error)
             return TrialState.FAIL, None, error
 
     def _settled_twin(self, trial: optuna.Trial) -> FrozenTrial | None:
-        """The earliest finished trial with this trial's parameters, waiting while an earlier one runs."""
+        """The earliest finished trial with this trial's parameters, waiting while one that started running
+        before this one (a queued retry may carry a higher number) still runs."""
+        mine = self.storage.get_trial(trial._trial_id)
         while True:
             twins = [t for t in self.study.get_trials(deepcopy=False)
-                     if t.number != trial.number and t.params == trial.params]
+                     if t.number != trial.number and t.params == mine.params]
             done = [t for t in twins if t.state in FINISHED]
             if done:
                 return done[0]
-            if not any(t.state == TrialState.RUNNING and t.number < trial.number for t in twins):
+            if not any(t.state == TrialState.RUNNING and _started(t) < _started(mine) for t in twins):
                 return None
             self.dead.reap()
             time.sleep(self.poll)
@@ -345,13 +357,13 @@ class Worker:
                 else:
                     self.study.tell(trial, state=state)
         except (UpdateFinishedTrialError, ValueError):
-            if self.study._storage.get_trial(trial._trial_id).state == TrialState.FAIL:
+            if self.storage.get_trial(trial._trial_id).state == TrialState.FAIL:
                 raise TrialTakenOver() from None
             raise
 
     def _give_back(self, trial: optuna.Trial) -> None:
         """Ctrl-C: fail the trial and queue its parameters again, so a rerun evaluates them first."""
-        storage = self.study._storage
+        storage = self.storage
         try:
             storage.set_trial_user_attr(trial._trial_id, "interrupted", "Ctrl-C")
             if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):

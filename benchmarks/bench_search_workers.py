@@ -8,7 +8,10 @@ URL; each setting then uses its own study name). Two rates are reported:
 * ``trials``: finished trials per minute between the first trial's start and the last trial's end, read from the
   study (what the workers add once running).
 
-Trials that reused an earlier trial's outcome (same configuration) cost nothing; the table counts them apart.
+Trials that reused an earlier trial's outcome (same configuration) cost nothing; the table counts them apart, and
+``mean_trial_s`` is the mean wall time of the trials that were evaluated (it grows when workers compete for cores;
+the settings sample different configurations, so their work differs somewhat). The load average after each setting
+says whether other processes shared the machine.
 On a machine with C cores, W workers can only go faster while W <= C and the workers are not memory-bound:
 a 2-core machine can show at most a 2x gain, and nothing about several machines or GPUs.
 
@@ -57,7 +60,10 @@ def run_setting(workers: int, n_trials: int, data: Path, category: str, root: Pa
     trials = optuna.load_study(study_name=study, storage=open_storage(storage, out)).get_trials(deepcopy=False)
     done = [t for t in trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
     span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
+    evaluated = [t.user_attrs["wall_s"] for t in done if "wall_s" in t.user_attrs]
     return {"workers": workers, "n_trials": len(done), "reused": sum("duplicate_of" in t.user_attrs for t in done),
+            "mean_trial_s": round(sum(evaluated) / len(evaluated), 2) if evaluated else None,
+            "load_avg_1min_after": round(os.getloadavg()[0], 2),
             "other_trials": len(trials) - len(done), "wall_s": round(wall, 2), "trial_span_s": round(span, 2),
             "trials_per_min_wall": round(len(done) / wall * 60, 1),
             "trials_per_min_running": round(len(done) / span * 60, 1) if span > 0 else None}
@@ -88,10 +94,10 @@ def main() -> None:
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'workers':>7} {'trials':>6} {'reused':>6} {'wall s':>7} {'/min wall':>9} {'/min running':>12}")
+    print(f"{'workers':>7} {'trials':>6} {'reused':>6} {'s/trial':>7} {'wall s':>7} {'/min wall':>9} {'/min running':>12}")
     for r in rows:
-        print(f"{r['workers']:>7} {r['n_trials']:>6} {r['reused']:>6} {r['wall_s']:>7} {r['trials_per_min_wall']:>9} "
-              f"{r['trials_per_min_running'] or '-':>12}")
+        print(f"{r['workers']:>7} {r['n_trials']:>6} {r['reused']:>6} {r['mean_trial_s'] or '-':>7} {r['wall_s']:>7} "
+              f"{r['trials_per_min_wall']:>9} {r['trials_per_min_running'] or '-':>12}")
 
 
 if __name__ == "__main__":

@@ -161,9 +161,11 @@ def open_storage(storage: str | None, run_dir: Path, *, heartbeat_interval: int 
                  grace_period: int | None = None) -> Any:
     """An Optuna storage with heartbeats and retries: the default journal file in ``run_dir``, a journal
     file path, or a database URL. Unreachable or malformed URLs are a ConfigError naming the storage."""
-    if heartbeat_interval < 1 or (grace_period is not None and grace_period <= heartbeat_interval):
-        raise ConfigError(f"heartbeat interval {heartbeat_interval} s must be at least 1 s and the grace period "
-                          f"({grace_period} s) longer than it")
+    if heartbeat_interval < 1:
+        raise ConfigError(f"--heartbeat {heartbeat_interval}: give at least 1 second")
+    if grace_period is not None and grace_period <= heartbeat_interval:
+        raise ConfigError(f"grace period {grace_period} s: must be longer than the heartbeat interval "
+                          f"({heartbeat_interval} s)")
     callback = RetryDeadTrial()
     if storage is None:
         storage = str(run_dir / "study.log")

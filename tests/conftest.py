@@ -185,7 +185,8 @@ def postgres_server():
 
         server = PostgresServer()
     except Exception as exc:  # no binaries, no postgres user, no driver, a server that does not start
-        why = f"cannot start a local PostgreSQL server: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
+        text = str(exc).strip()
+        why = f"cannot start a local PostgreSQL server: {text.splitlines()[0] if text else type(exc).__name__}"
         if REQUIRE_POSTGRES:
             pytest.fail(f"{why} (PROMPTOPT_REQUIRE_POSTGRES=1)", pytrace=False)
         pytest.skip(why)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,22 @@ def test_trials_that_keep_failing_stop_the_search_with_the_last_error(cluttered_
     bad.write_bytes(bad.read_bytes()[:60])  # the header (and size) survive, the pixels do not
     with pytest.raises(SearchError, match=rf"2 trials in a row failed; the last, trial 1: DataError: {re.escape(str(bad))}"):
         PromptSearch(task, tmp_path / "run", n_trials=3, max_failures=2, **SMALL).fit()
+
+
+def test_a_running_trial_no_worker_ever_claimed_is_failed_after_the_grace_period_and_run_again(
+        blob_dataset: Path, tmp_path: Path) -> None:
+    """A trial left RUNNING without heartbeat or worker (killed right after its creation, or by an older promptopt)
+    no longer holds its slot forever: after the grace period it is failed and queued again."""
+    kwargs = dict(n_trials=2, tune_backend=False, **SMALL)
+    study = PromptSearch(_task(blob_dataset), tmp_path / "run", **kwargs).open_study()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        orphan = study.ask()
+    PromptSearch(_task(blob_dataset), tmp_path / "run", **kwargs).fit()
+    trials = study.trials
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert trials[orphan.number].user_attrs["error"] == "worker lost: no worker claimed it for 2 s"
+    assert [t.system_attrs.get("retry_history") for t in trials if t.state in FINISHED] == [None, [orphan.number]]
 
 
 # --- no repeated work, seeds -----------------------------------------------------------------------------------

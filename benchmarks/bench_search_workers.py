@@ -94,7 +94,8 @@ def main() -> None:
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'workers':>7} {'trials':>6} {'reused':>6} {'s/trial':>7} {'wall s':>7} {'/min wall':>9} {'/min running':>12}")
+    print(f"{'workers':>7} {'trials':>6} {'reused':>6} {'s/trial':>7} {'wall s':>7} {'/min wall':>9} "
+          f"{'/min running':>12}")
     for r in rows:
         print(f"{r['workers']:>7} {r['n_trials']:>6} {r['reused']:>6} {r['mean_trial_s'] or '-':>7} {r['wall_s']:>7} "
               f"{r['trials_per_min_wall']:>9} {r['trials_per_min_running'] or '-':>12}")

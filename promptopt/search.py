@@ -414,7 +414,7 @@ def search_result(search: PromptSearch, test: dict[str, Any] | None, command: st
     order = ordinals(trials)
     void = void_trials(trials)
     counted = [t for t in trials if t.number not in void and t.state.is_finished()]
-    by_state = {s: [t for t in counted if t.state == s] for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    by_state = {s: [t for t in counted if t.state == s] for s in _STATE_NAMES}
     top = sorted(by_state[TrialState.COMPLETE], key=lambda t: (-t.value, t.number))[:10]
     best = search.best_trial_
     result = {
@@ -436,7 +436,8 @@ def search_result(search: PromptSearch, test: dict[str, Any] | None, command: st
         "test_per_image_iou": test["per_image_iou"] if test else None,
         "selected": best.user_attrs.get("selected", []),
         "prompt": "best/prompt.json",
-        "trials": {"total": len(counted), **{name: len(by_state[s]) for s, name in _STATE_NAMES.items() if by_state[s]}},
+        "trials": {"total": len(counted), **{name: len(by_state[s]) for s, name in _STATE_NAMES.items()
+                                             if by_state[s]}},
         "top_trials": [{"trial": order[t.number], "value": t.value, "params": t.params} for t in top],
         "failed_trials": [{"trial": order[t.number], "params": t.params, "error": t.user_attrs.get("error", "?")}
                           for t in by_state[TrialState.FAIL]],
@@ -447,7 +448,7 @@ def search_result(search: PromptSearch, test: dict[str, Any] | None, command: st
         "trials_run_by_this_call": search.trials_run_,
         "best_trial_number": best.number,
         "trial_numbers": {str(k): n for n, k in order.items()},
-        "states": {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)},
+        "states": {s.name.lower(): n for s in TrialState if (n := sum(t.state == s for t in trials))},
         "void_trials": [{"number": t.number, "why": _why_void(t, trials)} for t in trials if t.number in void],
         "duplicates": {str(t.number): t.user_attrs["duplicate_of"] for t in trials if "duplicate_of" in t.user_attrs},
         "published_by": worker_name(),
@@ -510,7 +511,8 @@ def write_search_report(out: Path, result: dict[str, Any], cost: dict[str, Any],
     figs: list[tuple[str, str]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-        figs.append(("Optimisation history (val mIoU per trial)", save(ovm.plot_optimization_history(study), "history.png")))
+        figs.append(("Optimisation history (val mIoU per trial)",
+                     save(ovm.plot_optimization_history(study), "history.png")))
         try:
             figs.append(("Parameter importances (fANOVA on val mIoU)",
                          save(ovm.plot_param_importances(study), "importances.png")))
@@ -539,7 +541,8 @@ def write_search_report(out: Path, result: dict[str, Any], cost: dict[str, Any],
     md = [
         f"# promptopt search — {result['category']}",
         "",
-        f"- Study `{result['study_name']}` in `{result['storage']}` (sampler {result['sampler']}): {tr['total']} trials "
+        f"- Study `{result['study_name']}` in `{result['storage']}` (sampler {result['sampler']}): "
+        f"{tr['total']} trials "
         f"({', '.join(f'{k} {v}' for k, v in tr.items() if k != 'total')})",
         f"- Backend `{result['backend']}`; strategies searched: {', '.join(result['strategies'])}",
         f"- Best trial {result['best_trial']} (study trial #{cost['best_trial_number']}): val mIoU (optimised) "

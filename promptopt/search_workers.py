@@ -229,7 +229,8 @@ class Worker:
     """
 
     def __init__(self, study: optuna.Study, n_trials: int, suggest: Callable[[optuna.Trial], None],
-                 evaluate: Callable[[optuna.Trial], float], *, sampler_for: Callable[[int], optuna.samplers.BaseSampler],
+                 evaluate: Callable[[optuna.Trial], float], *,
+                 sampler_for: Callable[[int], optuna.samplers.BaseSampler],
                  seed: int | None = 0, grace_period: float = 120.0, poll: float = 0.5, max_failures: int = 5,
                  reused_attrs: Sequence[str] = (), log: Callable[[str], None] | None = None,
                  on_trial: Callable[[FrozenTrial, int], None] | None = None) -> None:

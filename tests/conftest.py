@@ -113,7 +113,7 @@ class PostgresServer:
 
         self.bindir = _postgres_bindir()
         if self.bindir is None:
-            raise RuntimeError("initdb/pg_ctl not found (install the postgresql package, e.g. apt-get install postgresql)")
+            raise RuntimeError("initdb/pg_ctl not found (install the postgresql package: apt-get install postgresql)")
         self.owner = None
         if os.geteuid() == 0:
             try:

@@ -72,7 +72,8 @@ def test_trials_that_keep_failing_stop_the_search_with_the_last_error(cluttered_
     task = _task(cluttered_dataset)
     bad = task.split.val[0].path
     bad.write_bytes(bad.read_bytes()[:60])  # the header (and size) survive, the pixels do not
-    with pytest.raises(SearchError, match=rf"2 trials in a row failed; the last, trial 1: DataError: {re.escape(str(bad))}"):
+    expected = rf"2 trials in a row failed; the last, trial 1: DataError: {re.escape(str(bad))}: unreadable image"
+    with pytest.raises(SearchError, match=expected):
         PromptSearch(task, tmp_path / "run", n_trials=3, max_failures=2, **SMALL).fit()
 
 

@@ -85,7 +85,7 @@ def wait_for(condition, what: str, timeout: float = 120.0) -> None:
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(0.2)
 
 
 def assert_exact_and_without_repeats(trials: list[optuna.trial.FrozenTrial], n_trials: int) -> None:
@@ -122,7 +122,8 @@ def test_three_workers_finish_exactly_n_trials_and_a_killed_workers_trial_is_ret
     assert victim.poll() is None, victim.communicate()[1]
     survivors = [start(None, *search_args(cluttered_dataset, out, url, n_trials)) for out in outs[1:]]
     # the survivors are at work beside the victim's running trial; then the victim dies without a word
-    wait_for(lambda: any(t.state in FINISHED for t in load(url, outs[0]).get_trials(deepcopy=False))
+    study = load(url, outs[0])
+    wait_for(lambda: any(t.state in FINISHED for t in study.get_trials(deepcopy=False))
              or any(p.poll() is not None for p in survivors), "a survivor to finish a trial")
     victim.send_signal(signal.SIGKILL)
     victim.wait()

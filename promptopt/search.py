@@ -395,6 +395,8 @@ def _publish(src: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+#: why a trial failed when Optuna's heartbeat check failed it (it records no reason)
+_LOST = "worker lost: no heartbeat for the grace period"
 _STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
 
 
@@ -403,8 +405,7 @@ def _why_void(trial: FrozenTrial, trials: Sequence[FrozenTrial]) -> str:
         return "surplus: " + str(trial.user_attrs["surplus"])
     retry = next((t.number for t in trials if trial.number in t.system_attrs.get("retry_history", [])
                   and t.system_attrs.get("retry_history", [])[-1] == trial.number), None)
-    why = "interrupted (Ctrl-C)" if "interrupted" in trial.user_attrs else \
-        trial.user_attrs.get("error", "worker lost: no heartbeat for the grace period")
+    why = "interrupted (Ctrl-C)" if "interrupted" in trial.user_attrs else trial.user_attrs.get("error", _LOST)
     return f"{why}; run again as trial {retry}" if retry is not None else why
 
 
@@ -439,7 +440,7 @@ def search_result(search: PromptSearch, test: dict[str, Any] | None, command: st
         "trials": {"total": len(counted), **{name: len(by_state[s]) for s, name in _STATE_NAMES.items()
                                              if by_state[s]}},
         "top_trials": [{"trial": order[t.number], "value": t.value, "params": t.params} for t in top],
-        "failed_trials": [{"trial": order[t.number], "params": t.params, "error": t.user_attrs.get("error", "?")}
+        "failed_trials": [{"trial": order[t.number], "params": t.params, "error": t.user_attrs.get("error", _LOST)}
                           for t in by_state[TrialState.FAIL]],
         "metric": metric_definition(search.task.num_classes),
         "command": command,

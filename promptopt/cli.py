@@ -338,23 +338,40 @@ def search(
     strategies: str = typer.Option("forward,random-search", "--strategies",
                                    help="Comma-separated strategies to search over (forward, random-search, retrieval, "
                                         "tuned, best-single)."),
-    n_trials: int = typer.Option(20, "--n-trials", help="Finished trials the study should hold (rerun with more to extend)."),
+    n_trials: int = typer.Option(20, "--n-trials", help="Finished trials the study should hold, between all workers "
+                                                        "(rerun with more to extend)."),
     max_k: int = typer.Option(8, "--max-k", help="Largest number of prompts a trial may use."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (sqlite:///, postgresql://) or journal file."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Where the study lives: a journal file (default "
+                                          "RUN_DIR/study.log), sqlite:///FILE, or postgresql://USER:PASSWORD@HOST/DB "
+                                          "for workers on several machines."),
     study_name: Optional[str] = typer.Option(None, "--study-name", help="Study name (default promptopt-<category>)."),
-    seed: Optional[int] = typer.Option(0, "--seed", help="Sampler seed (give each parallel worker its own)."),
+    sampler: str = typer.Option("tpe", "--sampler", help="Optuna sampler: tpe, random, gp or cmaes."),
+    seed: Optional[int] = typer.Option(0, "--seed", help="Seed of the study's sampler; each trial derives its own "
+                                                         "from it, so workers can share the same command."),
+    heartbeat: int = typer.Option(60, "--heartbeat", help="Seconds between a running trial's heartbeats; a trial "
+                                                          "silent for twice as long is taken as lost and run again."),
     fixed_backend: bool = _flag("--fixed-backend", help="Do not search the backend's options."),
 ) -> None:
-    """Optuna search over strategies and their knobs; best prompt, val/test mIoU and plots in RUN_DIR."""
+    """Optuna search over strategies and their knobs; best prompt, val/test mIoU and plots in RUN_DIR.
+
+    Start the same command on several machines (same --storage database and --study-name) to share the trials.
+    """
     with user_errors():
         from .search import run_search
+        from .search_storage import redact
 
         names = [s.strip() for s in strategies.split(",") if s.strip()]
         _run_each(t, r, lambda task, folder, prog: run_search(
             task, folder, b.spec(), strategies=names, n_trials=n_trials, max_k=max_k, storage=storage,
             study_name=f"{study_name}-{task.category}" if study_name and not t.category else study_name, seed=seed,
-            tune_backend=not fixed_backend, memory_budget=r.memory_budget, restart=r.restart, progress=prog,
-            command=_command_line()))
+            sampler=sampler, heartbeat_interval=heartbeat, tune_backend=not fixed_backend,
+            memory_budget=r.memory_budget, restart=r.restart, progress=prog, log=_note,
+            command=redact(_command_line())))
+
+
+def _note(message: str) -> None:
+    """A one-line notice on stderr (a failed or lost trial)."""
+    console.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

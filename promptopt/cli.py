@@ -122,7 +122,8 @@ class TaskArgs:
 class BackendArgs:
     """Which segmenter."""
 
-    backend: str = _opt("features", "--backend", help="Segmenter: features (weight-free), seggpt, persam.")
+    backend: str = _opt("features", "--backend", help="Segmenter: features (weight-free), seggpt, persam, clipseg, "
+                                                      "grounded-sam.")
     checkpoint: Optional[str] = _opt(None, "--checkpoint", help="Model id or local folder for seggpt/persam.")
     option: Optional[List[str]] = _opt(None, "--option", help="Backend option key=value (repeatable).")
     device: Optional[str] = _opt(None, "--device", help="torch device for the backend, e.g. cuda or cuda:1.")
@@ -337,7 +338,7 @@ def search(
     r: RunArgs,
     strategies: str = typer.Option("forward,random-search", "--strategies",
                                    help="Comma-separated strategies to search over (forward, random-search, retrieval, "
-                                        "tuned, best-single)."),
+                                        "tuned, best-single, text)."),
     n_trials: int = typer.Option(20, "--n-trials", help="Finished trials the study should hold, between all workers "
                                                         "(rerun with more to extend)."),
     max_k: int = typer.Option(8, "--max-k", help="Largest number of prompts a trial may use."),
@@ -351,6 +352,8 @@ def search(
     heartbeat: int = typer.Option(60, "--heartbeat", help="Seconds between a running trial's heartbeats; a trial "
                                                           "silent for twice as long is taken as lost and run again."),
     fixed_backend: bool = _flag("--fixed-backend", help="Do not search the backend's options."),
+    text: Optional[List[str]] = typer.Option(None, "--text", help="text strategy: a candidate phrase (repeatable); "
+                                                                  "semantic tasks name the class, --text '1:car lamp'."),
 ) -> None:
     """Optuna search over strategies and their knobs; best prompt, val/test mIoU and plots in RUN_DIR.
 
@@ -366,7 +369,7 @@ def search(
             study_name=f"{study_name}-{task.category}" if study_name and not t.category else study_name, seed=seed,
             sampler=sampler, heartbeat_interval=heartbeat, tune_backend=not fixed_backend,
             memory_budget=r.memory_budget, restart=r.restart, progress=prog, log=_note,
-            command=redact(_command_line())))
+            strategy_options={"text": {"candidates": text}} if text else None, command=redact(_command_line())))
 
 
 def _note(message: str) -> None:

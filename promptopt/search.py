@@ -52,7 +52,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -63,7 +63,7 @@ from .data import Sample
 from .errors import BudgetError, ConfigError
 from .metrics import IoUAccumulator
 from .oracle import ValidationOracle
-from .run import Run, backend_config, metric_definition
+from .run import Run, backend_config, describe, metric_definition
 from .search_storage import describe_storage, open_storage, quiet_optuna_warnings
 from .search_workers import SearchError, ordinals, run_worker, void_trials, worker_name
 from .space import MAX_K, Choice, Float, Int, SearchSpace
@@ -173,7 +173,8 @@ class PromptSearch:
                  sampler: str = "tpe", tune_backend: bool = True, memory_budget: str | int | None = None,
                  pruner: optuna.pruners.BasePruner | None = None, heartbeat_interval: int = 60,
                  grace_period: int | None = None, max_failures: int = 5, progress: ProgressFn | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None,
+                 strategy_options: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         known = searchable_strategies()
         unknown = [s for s in strategies if s not in known]
         if unknown:
@@ -202,7 +203,13 @@ class PromptSearch:
         self.max_failures = int(max_failures)
         self.progress = progress
         self.log = log
+        #: options the user fixed per strategy (e.g. the text strategy's candidate phrases): every trial gets them
+        self.strategy_options = {name: dict(opts) for name, opts in (strategy_options or {}).items()}
+        unused = sorted(set(self.strategy_options) - set(self.strategies))
+        if unused:
+            raise ConfigError(f"options given for strategy {unused[0]!r}, which is not among --strategies")
         self._backends: dict[str, tuple[Backend, ValidationOracle]] = {}
+        self._base: Backend | None = None
         self._study: optuna.Study | None = None
 
     @property
@@ -215,20 +222,40 @@ class PromptSearch:
         return describe_storage(self.storage, self.run_dir)
 
     # a trial's backend (and its oracle, with its pair cache) is reused by later trials with the same options
+    # a backend that can change an option over the same model and caches (``with_options``) is derived from one
+    # built backend, so a threshold search never loads a model or encodes an image twice
     def _backend(self, options: dict[str, Any]) -> tuple[Backend, ValidationOracle]:
         key = fingerprint(options)
         if key not in self._backends:
             if len(self._backends) >= 3:
                 self._backends.pop(next(iter(self._backends)))
-            be = self.backend.build(**options)
+            be = None
+            if options and hasattr(self._base, "with_options"):
+                try:
+                    be = self._base.with_options(**options)  # type: ignore[union-attr]
+                except ConfigError:  # an option that needs another model: build it
+                    be = None
+            if be is None:
+                be = self.backend.build(**options)
+                self._base = self._base or be
             self._backends[key] = (be, ValidationOracle(be, self.task.split.val, self.task.num_classes))
         return self._backends[key]
+
+    def space(self, strategy: str) -> SearchSpace:
+        """The knobs a trial suggests for ``strategy``: its declared space, resolved against the options the
+        user fixed when the strategy derives choices from them (``resolve_search_space``)."""
+        cls = strategy_class(strategy)
+        resolve = getattr(cls, "resolve_search_space", None)
+        if callable(resolve) and self.strategy_options.get(strategy):
+            return tuple(resolve(self.strategy_options[strategy], self.task.num_classes))
+        return tuple(cls.search_space or ())
 
     def study_identity(self) -> dict[str, Any]:
         """What a study's trials depend on, wherever its workers run (so not the data folder's path)."""
         task = {k: v for k, v in self.task.describe().items() if k != "data_root"}
         return {"kind": "search", "task": task, "backend": backend_config(self.backend), "strategies": self.strategies,
-                "max_k": self.max_k, "tune_backend": self.tune_backend, "memory_budget": self.memory_budget}
+                "max_k": self.max_k, "tune_backend": self.tune_backend, "memory_budget": self.memory_budget,
+                **({"strategy_options": describe(self.strategy_options)} if self.strategy_options else {})}
 
     def spec(self) -> dict[str, Any]:
         """What identifies the run folder's search (``n_trials`` excluded: a study can be extended)."""
@@ -265,7 +292,7 @@ class PromptSearch:
     # --- one configuration ------------------------------------------------------------------------------------
     def _suggest(self, trial: optuna.Trial) -> None:
         strategy = trial.suggest_categorical("strategy", self.strategies)
-        suggest(trial, strategy_class(strategy).search_space or (), strategy, self.max_k)
+        suggest(trial, self.space(strategy), strategy, self.max_k)
         suggest(trial, self.backend_space, self.backend.name, self.max_k)
 
     def configuration(self, params: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -286,7 +313,7 @@ class PromptSearch:
         try:
             sel = make_strategy(strategy, oracle, strict=False, memory_budget=self.memory_budget,
                                 progress=self.progress, on_step=on_step, seed=params_seed(params),
-                                **options).fit(self.task.pool)
+                                **{**self.strategy_options.get(strategy, {}), **options}).fit(self.task.pool)
         except BudgetError as exc:
             raise optuna.TrialPruned(f"does not fit the memory budget: {exc}") from None
         return sel, oracle.forwards - forwards0

@@ -491,3 +491,32 @@ def test_cli_checkpoint_of_the_wrong_model_type_is_one_line(clipseg_checkpoint, 
             "--option", f"sam={clipseg_checkpoint}", *text)
     _refused(r, "holds a 'clipseg' model, not 'sam'")
     assert not (tmp_path / "run").exists()
+
+
+def test_search_takes_fixed_text_candidates_and_derives_threshold_backends_from_one_model(clipseg_checkpoint,
+                                                                                         dog_task, tmp_path,
+                                                                                         monkeypatch):
+    """``promptopt search --strategies text --text A --text B``: trials choose among exactly those phrases (the
+    resolved space), every trial's backend is the one loaded model with another threshold (shared caches: no
+    model loaded or image encoded twice), and options for a strategy not searched are refused."""
+    loads = []
+    real = CLIPSegBackend.from_pretrained.__func__
+
+    def counting(cls, *a, **k):
+        loads.append(1)
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(CLIPSegBackend, "from_pretrained", classmethod(counting))
+    from promptopt.search import PromptSearch
+
+    search = PromptSearch(dog_task, tmp_path / "s", BackendSpec("clipseg", str(clipseg_checkpoint)),
+                          strategies=["text"], n_trials=4, max_k=1,
+                          strategy_options={"text": {"candidates": PHRASES[:2]}}).fit()
+    study = search.open_study()
+    texts = {t.params["text.text"] for t in study.trials}
+    assert texts <= set(PHRASES[:2]) and len({t.params["clipseg.threshold"] for t in study.trials}) > 1
+    assert len(loads) == 1  # one model; every other threshold is with_options over it
+    caches = {id(be._activations) for be, _ in search._backends.values()}
+    assert len(caches) == 1
+    with pytest.raises(ConfigError, match="options given for strategy 'text', which is not among"):
+        PromptSearch(dog_task, tmp_path / "t", strategies=["forward"], strategy_options={"text": {"candidates": ["a"]}})

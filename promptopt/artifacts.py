@@ -8,8 +8,11 @@ can read without the run that made it:
   copied next to it (``prompts/``), so the artifact does not depend on where
   the dataset lives. Learned tensors are safetensors files beside it: the
   backend's learned state for the kept examples (``learned.safetensors``,
-  e.g. PerSAM-F's weights) and a tuned context (``extra.context_file``); any
-  other strategy-specific data goes in ``extra``.
+  e.g. PerSAM-F's weights) and a tuned context (``extra.context_file``). A
+  text prompt (``kind: "text"``) holds no examples: its phrases, one per
+  foreground class, are ``extra.texts``, and the thresholds it was chosen
+  with are the backend's options in ``backend``. Any other
+  strategy-specific data goes in ``extra``.
 * ``result.json`` holds scores and metadata; a run's ``state.json`` its
   progress (see :mod:`promptopt.run`).
 
@@ -162,6 +165,12 @@ class PromptArtifact:
         return [e["id"] for e in self.examples]
 
     @property
+    def texts(self) -> list[str] | None:
+        """The phrases of a text prompt, one per foreground class (None for an image prompt)."""
+        texts = self.extra.get("texts")
+        return list(texts) if texts is not None else None
+
+    @property
     def context_file(self) -> str | None:
         """Learned context tensors (context tuning), relative to the artifact's folder."""
         return self.extra.get("context_file")
@@ -302,6 +311,11 @@ def load_prompt(path: str | Path) -> PromptArtifact:
     for rel in (art.context_file, art.learned_file):
         if rel is not None and not (path.parent / rel).is_file():
             raise DataError(f"{path}: learned tensor file {path.parent / rel} is missing")
-    if not art.examples and not art.context_file:
-        raise DataError(f"{path}: holds no prompt examples and no learned context")
+    texts = extra.get("texts")
+    if texts is not None and (not isinstance(texts, list) or len(texts) != art.num_classes - 1
+                              or not all(isinstance(t, str) and t.strip() for t in texts)):
+        raise DataError(f"{path}: field 'extra.texts' must list {art.num_classes - 1} non-empty phrase(s), one per "
+                        f"foreground class; got {texts!r}")
+    if not art.examples and not art.context_file and not texts:
+        raise DataError(f"{path}: holds no prompt examples, no learned context and no text")
     return art

@@ -78,8 +78,14 @@ def _options(pairs: Optional[List[str]], flag: str = "--option") -> dict[str, An
     return out
 
 
+def _flag(*decls: str, help: str) -> Any:
+    """A boolean flag (``--x``, or ``--x/--no-x``); its help shows no ``<bool>`` value: a flag takes none."""
+    return typer.Option(False, *decls, help=help, metavar="")
+
+
 def _opt(default: Any, *decls: str, help: str) -> Any:
-    return dataclasses.field(default=typer.Option(default, *decls, help=help))
+    option = _flag(*decls, help=help) if default is False else typer.Option(default, *decls, help=help)
+    return dataclasses.field(default=option)
 
 
 # --- option blocks, declared once ---------------------------------------------------------------------
@@ -87,7 +93,8 @@ def _opt(default: Any, *decls: str, help: str) -> Any:
 class TaskArgs:
     """Which labelled images, split how."""
 
-    data: Path = _opt(..., "--data", help="Dataset root <root>/<category>/{images,masks}/ (or <root>/{images,masks}/).")
+    data: Path = _opt(..., "--data", help="Dataset: <root>/<category>/{images,masks}/, <root>/{images,masks}/, or a "
+                                          "COCO instances .json (or a folder holding one).")
     category: Optional[str] = _opt(None, "--category", help="Category (sub-folder) to use; default: every category.")
     split_seed: int = _opt(0, "--split-seed", help="Seed of the pool/val/test split.")
     pool: str = _opt("0.5", "--pool", help="Prompt pool size: count or fraction.")
@@ -95,11 +102,14 @@ class TaskArgs:
     test: Optional[str] = _opt(None, "--test", help="Test size: count or fraction (default: the rest).")
     num_classes: Optional[int] = _opt(None, "--num-classes", help="Classes incl. background; larger mask ids are an error.")
     mask_mode: str = _opt("auto", "--mask-mode", help="auto, binary or classes (see the README's mask table).")
+    images: Optional[Path] = _opt(None, "--images", help="COCO: the folder its file_name entries are relative to.")
+    keep_empty: bool = _opt(False, "--keep-empty", help="COCO: keep images without the object (as negatives).")
 
     def dataset(self):
         from .data import load_dataset
 
-        return load_dataset(self.data, category=self.category, mask_mode=self.mask_mode, num_classes=self.num_classes)
+        return load_dataset(self.data, category=self.category, mask_mode=self.mask_mode, num_classes=self.num_classes,
+                            images=self.images, keep_empty=True if self.keep_empty else None)
 
     def task(self, dataset, category: str):
         from .task import Task
@@ -112,7 +122,8 @@ class TaskArgs:
 class BackendArgs:
     """Which segmenter."""
 
-    backend: str = _opt("features", "--backend", help="Segmenter: features (weight-free), seggpt, persam.")
+    backend: str = _opt("features", "--backend", help="Segmenter: features (weight-free), seggpt, persam, clipseg, "
+                                                      "grounded-sam.")
     checkpoint: Optional[str] = _opt(None, "--checkpoint", help="Model id or local folder for seggpt/persam.")
     option: Optional[List[str]] = _opt(None, "--option", help="Backend option key=value (repeatable).")
     device: Optional[str] = _opt(None, "--device", help="torch device for the backend, e.g. cuda or cuda:1.")
@@ -142,7 +153,7 @@ class SelectionArgs:
 
     oracle: Optional[str] = _opt(None, "--oracle", help="What selection is scored on: holdout (the val split) or cv "
                                                         "(pool and val, each prompt set without its own prompts); "
-                                                        "default: promptopt.run.DEFAULT_ORACLE.")
+                                                        "default cv (promptopt.run.DEFAULT_ORACLE).")
     rule: Optional[str] = _opt(None, "--rule", help="When a step's gain counts: none (any paired gain; select's "
                                                     "default), se (above --noise-z standard errors of the "
                                                     "per-image differences; tune's default) or bootstrap.")
@@ -227,7 +238,7 @@ def evaluate(
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Comma-separated pool sample ids (file stems)."),
     shots: Optional[int] = typer.Option(None, "--shots", help="Draw K pool examples with --seed."),
     seed: int = typer.Option(0, "--seed", help="Seed for --shots."),
-    as_json: bool = typer.Option(False, "--json/--table", help="Machine-readable output (default: a table)."),
+    as_json: bool = _flag("--json/--table", help="Machine-readable output (default: a table)."),
 ) -> None:
     """Val and test mIoU of one prompt set."""
     with user_errors():
@@ -258,7 +269,8 @@ def select(
     b: BackendArgs,
     r: RunArgs,
     strategy: str = typer.Option("forward", "--strategy",
-                                 help="forward | random | best-single | random-search | worst-case | retrieval | tuned"),
+                                 help="forward | random | best-single | random-search | worst-case | retrieval | tuned "
+                                      "| text"),
     max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="At most K prompts (the k of the baselines)."),
     k: Optional[int] = typer.Option(None, "--k", help="Exactly K prompts (random, random-search, retrieval)."),
     min_gain: Optional[float] = typer.Option(None, "--min-gain", help="forward: smallest val-mIoU gain that counts."),
@@ -266,17 +278,22 @@ def select(
     shortlist: Optional[int] = typer.Option(None, "--shortlist", help="forward, model-combining backends: exact-score only the top M."),
     index: Optional[Path] = typer.Option(None, "--index", help="retrieval: index folder (promptopt index build)."),
     diversity: Optional[float] = typer.Option(None, "--diversity", help="retrieval: MMR diversity in [0, 1]."),
+    text: Optional[List[str]] = typer.Option(None, "--text", help="text: a candidate phrase (repeatable); semantic "
+                                                                  "tasks name the class, --text '1:car lamp'."),
     strategy_option: Optional[List[str]] = typer.Option(None, "--strategy-option", help="Other strategy option key=value."),
     seeds: int = typer.Option(10, "--random-seeds", help="Seeds of the random-k baseline."),
-    no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the baselines."),
+    no_baselines: bool = _flag("--no-baselines", help="Skip the baselines."),
     s: SelectionArgs = SELECTION,
 ) -> None:
     """Choose the prompt set that maximises val mIoU; compare with baselines; write RUN_DIR."""
     with user_errors():
         from .run import run_strategy
 
+        if text and strategy != "text":
+            raise ConfigError(f"--text gives candidate phrases to --strategy text, not to --strategy {strategy}")
         options = {"max_prompts": max_prompts, "k": k, "min_gain": min_gain, "patience": patience,
-                   "shortlist": shortlist, "index": index, "diversity": diversity, **s.rule_options(),
+                   "shortlist": shortlist, "index": index, "diversity": diversity, "candidates": text or None,
+                   **s.rule_options(),
                    **_options(strategy_option, "--strategy-option")}
         _run_each(t, r, lambda task, folder, prog: run_strategy(
             task, b.spec(), folder, strategy, {k_: v for k_, v in options.items() if v is not None},
@@ -314,7 +331,7 @@ def tune(
     batch_size: int = typer.Option(4, "--batch-size", help="Training images per step."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps (default steps/10, at most 10)."),
     tune_what: str = typer.Option("both", "--tune", help="image | mask | both."),
-    per_class: bool = typer.Option(False, "--per-class", help="Semantic tasks: one context per class."),
+    per_class: bool = _flag("--per-class", help="Semantic tasks: one context per class."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Val mIoU every N steps (default steps/3, at most 10)."),
     patience: int = typer.Option(5, "--patience", help="Evaluations without gain before stopping (0: never)."),
     context_side: Optional[int] = typer.Option(None, "--context-side", help="Long side of the learned tensors."),
@@ -344,24 +361,43 @@ def search(
     r: RunArgs,
     strategies: str = typer.Option("forward,random-search", "--strategies",
                                    help="Comma-separated strategies to search over (forward, random-search, retrieval, "
-                                        "tuned, best-single)."),
-    n_trials: int = typer.Option(20, "--n-trials", help="Finished trials the study should hold (rerun with more to extend)."),
+                                        "tuned, best-single, text)."),
+    n_trials: int = typer.Option(20, "--n-trials", help="Finished trials the study should hold, between all workers "
+                                                        "(rerun with more to extend)."),
     max_k: int = typer.Option(8, "--max-k", help="Largest number of prompts a trial may use."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (sqlite:///, postgresql://) or journal file."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Where the study lives: a journal file (default "
+                                          "RUN_DIR/study.log), sqlite:///FILE, or postgresql://USER:PASSWORD@HOST/DB "
+                                          "for workers on several machines."),
     study_name: Optional[str] = typer.Option(None, "--study-name", help="Study name (default promptopt-<category>)."),
-    seed: Optional[int] = typer.Option(0, "--seed", help="Sampler seed (give each parallel worker its own)."),
-    fixed_backend: bool = typer.Option(False, "--fixed-backend", help="Do not search the backend's options."),
+    sampler: str = typer.Option("tpe", "--sampler", help="Optuna sampler: tpe, random, gp or cmaes."),
+    seed: Optional[int] = typer.Option(0, "--seed", help="Seed of the study's sampler; each trial derives its own "
+                                                         "from it, so workers can share the same command."),
+    heartbeat: int = typer.Option(60, "--heartbeat", help="Seconds between a running trial's heartbeats; a trial "
+                                                          "silent for twice as long is taken as lost and run again."),
+    fixed_backend: bool = _flag("--fixed-backend", help="Do not search the backend's options."),
+    text: Optional[List[str]] = typer.Option(None, "--text", help="text strategy: a candidate phrase (repeatable); "
+                                                                  "semantic tasks name the class, --text '1:car lamp'."),
 ) -> None:
-    """Optuna search over strategies and their knobs; best prompt, val/test mIoU and plots in RUN_DIR."""
+    """Optuna search over strategies and their knobs; best prompt, val/test mIoU and plots in RUN_DIR.
+
+    Start the same command on several machines (same --storage database and --study-name) to share the trials.
+    """
     with user_errors():
         from .search import run_search
+        from .search_storage import redact
 
         names = [s.strip() for s in strategies.split(",") if s.strip()]
         _run_each(t, r, lambda task, folder, prog: run_search(
             task, folder, b.spec(), strategies=names, n_trials=n_trials, max_k=max_k, storage=storage,
             study_name=f"{study_name}-{task.category}" if study_name and not t.category else study_name, seed=seed,
-            tune_backend=not fixed_backend, memory_budget=r.memory_budget, restart=r.restart, progress=prog,
-            command=_command_line()))
+            sampler=sampler, heartbeat_interval=heartbeat, tune_backend=not fixed_backend,
+            memory_budget=r.memory_budget, restart=r.restart, progress=prog, log=_note,
+            strategy_options={"text": {"candidates": text}} if text else None, command=redact(_command_line())))
+
+
+def _note(message: str) -> None:
+    """A one-line notice on stderr (a failed or lost trial)."""
+    console.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -370,9 +406,9 @@ def predict(
     images: Path = typer.Option(..., "--images", help="Folder of images (or one image)."),
     out: Path = typer.Option(..., "--out", help="Folder for the PNG masks (and predictions.csv)."),
     masks: Optional[Path] = typer.Option(None, "--masks", help="Ground-truth masks (same stems): IoU per image in the CSV."),
-    overlays: bool = typer.Option(False, "--overlays", help="Also write the images with the prediction drawn over them."),
+    overlays: bool = _flag("--overlays", help="Also write the images with the prediction drawn over them."),
     device: Optional[str] = typer.Option(None, "--device", help="torch device for the backend, e.g. cuda."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or progress lines."),
+    quiet: bool = _flag("--quiet", help="No progress bars or progress lines."),
 ) -> None:
     """Write PNG masks (+ predictions.csv, overlays) for new images with a saved prompt."""
     with user_errors():
@@ -389,7 +425,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo run goes."),
     max_prompts: int = typer.Option(4, "--max-prompts"),
     category: Optional[str] = typer.Option(None, "--category", help="Only this object (default: all four)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or progress lines."),
+    quiet: bool = _flag("--quiet", help="No progress bars or progress lines."),
 ) -> None:
     """The main job on the bundled DAVIS sample: forward selection vs baselines, with a report."""
     with user_errors():
@@ -397,7 +433,7 @@ def demo(
         from .run import run_strategy
 
         t = TaskArgs(data=bundled_sample_root(), category=category, split_seed=0, pool="0.5", val="0.25", test=None,
-                     num_classes=None, mask_mode="auto")
+                     num_classes=None, mask_mode="auto", images=None, keep_empty=False)
         r = RunArgs(out=out, restart=False, memory_budget=None, quiet=quiet)
         _run_each(t, r, lambda task, folder, prog: run_strategy(
             task, BackendArgs("features", None, None, None).spec(), folder, "forward", {"max_prompts": max_prompts},
@@ -419,10 +455,10 @@ def index_build(
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="clip: pretrained tag or file; backend: its checkpoint."),
     option: Optional[List[str]] = typer.Option(None, "--option", help="Encoder option key=value (repeatable)."),
     index_type: str = typer.Option("auto", "--index-type", help="auto | flat | hnsw | ivf"),
-    masked: bool = typer.Option(False, "--masked", help="Mask-aware embeddings (features pooled on the object)."),
+    masked: bool = _flag("--masked", help="Mask-aware embeddings (features pooled on the object)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     mask_mode: str = typer.Option("auto", "--mask-mode", help="auto, binary or classes."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or progress lines."),
+    quiet: bool = _flag("--quiet", help="No progress bars or progress lines."),
 ) -> None:
     """Embed every image of a dataset (or one category) and save a FAISS index with its manifest."""
     with user_errors():
@@ -440,7 +476,7 @@ def index_query(
     index: Path = typer.Option(..., "--index", help="Index folder."),
     image: Path = typer.Option(..., "--image", help="Query image file."),
     k: int = typer.Option(5, "--k", help="Neighbours to list."),
-    as_json: bool = typer.Option(False, "--json/--table", help="Machine-readable output (default: a table)."),
+    as_json: bool = _flag("--json/--table", help="Machine-readable output (default: a table)."),
 ) -> None:
     """List the k indexed images most similar to IMAGE (cosine similarity)."""
     with user_errors():

@@ -20,11 +20,11 @@ Conventions (the README repeats them):
   whose object is any of them. ``category=None`` loads every category as its
   own binary task. The dataset's category key is the name (``"a,b"`` for a
   semantic task), and ``Dataset.class_names`` names each class id.
-* **Images without an annotation of the task** are samples with an
-  all-background mask (a negative example: "the object is absent"), because a
-  COCO file lists every image that was looked at. ``keep_empty=False`` drops
-  them instead (the few-shot benchmark convention: only images that show the
-  object).
+* **Images without an annotation of the task** are dropped by default (the
+  few-shot benchmark convention: every image of a task shows the object; a
+  prompt drawn from an empty image teaches nothing). ``keep_empty=True`` keeps
+  them as all-background masks (negative examples, "the object is absent",
+  since a COCO file lists every image that was looked at).
 * **Crowd regions** (``iscrowd=1``) are 255 = ignore, except where a non-crowd
   annotation of the task covers the pixel. Pixels claimed by non-crowd
   annotations of two *different* classes are ignore too: the file does not say
@@ -401,7 +401,7 @@ def load_coco(
     category: str | Iterable[str] | None = None,
     mask_mode: MaskMode = "auto",
     num_classes: int | None = None,
-    keep_empty: bool = True,
+    keep_empty: bool = False,
 ) -> Dataset:
     """A :class:`~promptopt.data.Dataset` of one task per requested category (see the module docstring).
 

@@ -528,7 +528,7 @@ def load_dataset(
     mask_mode: MaskMode = "auto",
     num_classes: int | None = None,
     images: str | Path | None = None,
-    keep_empty: bool = True,
+    keep_empty: bool | None = None,
 ) -> Dataset:
     """Scan a dataset (a folder of masks, or COCO annotations) and check it, without decoding pixels.
 
@@ -543,8 +543,10 @@ def load_dataset(
     ``images`` is the folder the ``file_name`` entries are relative to
     (default: see :func:`promptopt.coco.default_images_dir`), ``category`` a
     name or id (one binary task), ``"a,b"`` (one semantic task, classes 1..K in
-    that order) or a list of those, and ``keep_empty=False`` drops images
-    without an annotation of the task. See :mod:`promptopt.coco`.
+    that order) or a list of those. Images without an annotation of the task
+    are dropped by default (the few-shot convention: every image shows the
+    object); ``keep_empty=True`` keeps them as all-background masks (negatives,
+    e.g. to tune PerSAM's absent-object threshold). See :mod:`promptopt.coco`.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -566,13 +568,13 @@ def load_dataset(
         from .coco import load_coco
 
         return load_coco(coco, images=images, category=category, mask_mode=mask_mode, num_classes=num_classes,
-                         keep_empty=keep_empty)
+                         keep_empty=bool(keep_empty))
     if images is not None:
         raise ConfigError(
             f"{root}: --images is for COCO annotations; a folder dataset keeps its images in "
             "<category>/images/ next to <category>/masks/"
         )
-    if not keep_empty:
+    if keep_empty is False:
         raise ConfigError(f"{root}: dropping images without annotations applies to COCO annotations only")
     if _has_folder_layout(root):
         folders = {root.resolve().name: root}

@@ -1,9 +1,11 @@
 """Apply a saved prompt artifact to new images and write PNG masks.
 
 A ``fixed`` prompt (forward selection, baselines) uses the same prompt set for
-every image. Other kinds (per-query retrieval, learned contexts) register a
-predictor here under their ``kind``. A predictor returns, per image, the label
-map and the ids of the prompt examples that image was given.
+every image. Other kinds (per-query retrieval, learned contexts, text prompts)
+register a predictor here under their ``kind``. A predictor returns, per
+image, the label map and the ids of the prompts that image was given. A
+``text`` prompt is its phrases (``extra.texts``) read by the backend rebuilt
+from the artifact's config, thresholds included.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .artifacts import PromptArtifact, load_prompt
-from .backends.base import Backend
+from .backends.base import Backend, Prompt, TextPrompt
 from .data import Sample, image_samples
 from .errors import DataError
 from .oracle import prediction_to_labels
@@ -28,14 +30,30 @@ def register_predictor(kind: str, fn: Predictor) -> None:
     _PREDICTORS[kind] = fn
 
 
+def labels_under(backend: Backend, prompts: Sequence[Prompt], queries: Sequence[Sample],
+                 num_classes: int) -> list[np.ndarray]:
+    """(H, W) class ids of each query under one prompt set, predicted one image at a time."""
+    return [prediction_to_labels(backend.predict(list(prompts), [q], num_classes)[0]).cpu().numpy() for q in queries]
+
+
 def _predict_fixed(art: PromptArtifact, backend: Backend,
                    queries: Sequence[Sample]) -> tuple[list[np.ndarray], list[list[str]]]:
-    prompts = art.samples()
-    labels = [prediction_to_labels(backend.predict(prompts, [q], art.num_classes)[0]).cpu().numpy() for q in queries]
-    return labels, [art.ids for _ in queries]
+    return labels_under(backend, art.samples(), queries, art.num_classes), [art.ids for _ in queries]
 
 
 register_predictor("fixed", _predict_fixed)
+
+
+def _predict_text(art: PromptArtifact, backend: Backend,
+                  queries: Sequence[Sample]) -> tuple[list[np.ndarray], list[list[str]]]:
+    """A text prompt: the phrases of ``extra.texts``; the thresholds are in the backend's saved config."""
+    if not art.texts:
+        raise DataError(f"{art.path}: a text prompt needs 'extra.texts' (one phrase per foreground class)")
+    prompt = TextPrompt(tuple(art.texts))
+    return labels_under(backend, [prompt], queries, art.num_classes), [[prompt.key] for _ in queries]
+
+
+register_predictor("text", _predict_text)
 
 
 def predict_with_prompts(artifact: PromptArtifact | str | Path, queries: Sequence[Sample],
@@ -92,7 +110,8 @@ def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | P
 
     ``out_dir`` gets one PNG per image (see :func:`mask_names` and :func:`label_png`),
     ``predictions.csv`` (image, mask file, class, area in pixels, the prompts the image was given, and the
-    IoU against ``masks/<stem>.png`` when a ground-truth folder is given), and with ``overlays`` a
+    IoU against ``masks/<stem>.png`` when a ground-truth folder is given — not for images whose stem another
+    image shares, which no mask names unambiguously), and with ``overlays`` a
     ``overlays/`` folder of images with the prediction drawn over them.
     """
     import csv
@@ -124,7 +143,8 @@ def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | P
 
             save_image(out / "overlays" / name, mask_overlay(q.image, labels))
         iou = None
-        truth_path = truth_dir / f"{Path(q.id).stem}.png" if truth_dir is not None else None
+        unique = name == f"{Path(q.id).stem}.png"  # a stem two images share matches no ground truth unambiguously
+        truth_path = truth_dir / f"{Path(q.id).stem}.png" if truth_dir is not None and unique else None
         if truth_path is not None and truth_path.is_file():
             acc = IoUAccumulator(art.num_classes)
             acc.add(labels, read_mask(truth_path), q.id)
@@ -150,7 +170,7 @@ def _predict_tuned(art: PromptArtifact, backend: Backend,
     if not art.context_file:
         raise DataError(f"{art.path}: a tuned prompt needs a context_file")
     contexts = load_contexts(art.path.parent / art.context_file, backend.device)
-    labels = [prediction_to_labels(backend.predict(contexts, [q], art.num_classes)[0]).cpu().numpy() for q in queries]
+    labels = labels_under(backend, contexts, queries, art.num_classes)
     return labels, [[f"context {i}" for i in range(len(contexts))] for _ in queries]
 
 

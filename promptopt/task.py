@@ -50,7 +50,7 @@ class Task:
 
     @classmethod
     def from_folder(cls, root: str | Path, category: str | None = None, mask_mode: MaskMode = "auto",
-                    num_classes: int | None = None, images: str | Path | None = None, keep_empty: bool = True,
+                    num_classes: int | None = None, images: str | Path | None = None, keep_empty: bool | None = None,
                     **split_kwargs) -> "Task":
         """Load ``root`` (a mask folder or COCO annotations, see :func:`~promptopt.data.load_dataset`) and split it."""
         ds = load_dataset(root, category=category, mask_mode=mask_mode, num_classes=num_classes, images=images,

@@ -26,7 +26,7 @@ class MeteredBackend(FeaturesBackend):
         super().__init__(**FAST, **kw)
         self.sizes: list[int] = []
 
-    def memory_bytes(self, num_prompts, image_size=None):
+    def memory_bytes(self, num_prompts, image_size=None, num_classes=2):
         return 100 * num_prompts
 
     def predict(self, prompts, queries, num_classes=None):
@@ -80,4 +80,6 @@ def test_a_search_trial_that_cannot_fit_is_pruned_with_the_reason(task: Task, tm
         search.fit()
     study = optuna.load_study(study_name="promptopt-blob", storage=open_storage(None, tmp_path / "s"))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
-    assert all("too small for one prompt" in t.user_attrs["pruned_reason"] for t in study.trials)
+    assert "too small for one prompt" in study.trials[0].user_attrs["pruned"]
+    assert all("too small for one prompt" in t.user_attrs["pruned"] or "duplicate_of" in t.user_attrs
+               for t in study.trials)

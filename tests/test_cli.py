@@ -137,3 +137,35 @@ def test_demo_one_object(tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "demo" / "report.md").is_file() and (tmp_path / "demo" / "result.json").is_file()
     assert "report:" in r.stdout and "dog: forward" in r.stdout
+
+
+def test_progress_is_plain_periodic_lines_off_a_terminal_and_quiet_silences_it(tmp_path):
+    """A job log gets a line per label at most every interval (with elapsed time and ETA) and at completion."""
+    import io
+
+    from promptopt.progress import LogLines
+
+    now = [0.0]
+    stream = io.StringIO()
+    log = LogLines(stream, interval=10.0, clock=lambda: now[0])
+    for step in range(0, 101):
+        now[0] = step * 1.0  # one second a step
+        log("tuning step", step, 100)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "tuning step 0/100  elapsed 0:00  eta -"
+    assert lines[1] == "tuning step 10/100  elapsed 0:10  eta 1:30"
+    assert lines[-1] == "tuning step 100/100  elapsed 1:40" and len(lines) == 11
+    args = ["evaluate", "--data", str(tmp_path / "none"), "--shots", "1"]
+    assert "elapsed" not in run(*args).output
+    quiet_run = run("select", "--data", bundled_root(), "--category", "dog", "--strategy", "best-single",
+                    "--no-baselines", "--out", tmp_path / "q", "--quiet", *FAST)
+    loud_run = run("select", "--data", bundled_root(), "--category", "dog", "--strategy", "best-single",
+                   "--no-baselines", "--out", tmp_path / "l", *FAST)
+    assert quiet_run.exit_code == loud_run.exit_code == 0
+    assert "elapsed" not in quiet_run.output and "candidates 10/10  elapsed" in loud_run.output
+
+
+def bundled_root():
+    from promptopt.data import bundled_sample_root
+
+    return bundled_sample_root()

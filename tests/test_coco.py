@@ -101,8 +101,9 @@ def test_bundled_coco_gives_the_same_task(sample_root):
     assert np.array_equal(a.pool[0].image, b.pool[0].image)
 
 
-def test_bundled_coco_keeps_images_without_the_object_as_empty_masks(sample_root):
-    ds = load_dataset(bundled_sample_coco(), category="dog")
+def test_bundled_coco_keeps_images_without_the_object_as_empty_masks_when_asked(sample_root):
+    assert len(load_dataset(bundled_sample_coco(), category="dog")) == 20  # the default: only images with a dog
+    ds = load_dataset(bundled_sample_coco(), category="dog", keep_empty=True)
     assert ds.categories == ["dog"] and len(ds) == 92 and ds.num_classes() == 2
     empty = [s for s in ds.samples() if not s.mask.any()]
     assert len(empty) == 92 - 20
@@ -126,7 +127,7 @@ def test_coco_samples_score_like_folder_samples(sample_root):
 # --- segmentation encodings ------------------------------------------------------------------------------------------
 def test_polygons(tmp_path):
     ann = write_coco(tmp_path, [{"image_id": 1, "category_id": 1, "segmentation": rect(1, 2, 5, 4)}])
-    ds = load_dataset(ann, category="cat")
+    ds = load_dataset(ann, category="cat", keep_empty=True)
     m = masks_by_id(ds)
     assert np.array_equal(m["a"], box(1, 2, 5, 4).astype(int))
     assert not m["b"].any() and not m["c"].any()
@@ -239,11 +240,11 @@ def test_crowd_regions_are_ignore_except_under_instances(tmp_path):
     assert np.array_equal(a, expected)
 
 
-def test_keep_empty_false_drops_images_without_the_task(tmp_path):
+def test_images_without_the_task_are_dropped_unless_kept(tmp_path):
     ann = _two_objects(tmp_path)
     assert [s.id for s in load_dataset(ann, category="dog", keep_empty=False).samples()] == ["a", "b"]
-    assert [s.id for s in load_dataset(ann, category="cat", keep_empty=False).samples()] == ["a"]
-    assert len(load_dataset(ann, category="cat").samples()) == 3
+    assert [s.id for s in load_dataset(ann, category="cat").samples()] == ["a"]  # the default drops them
+    assert len(load_dataset(ann, category="cat", keep_empty=True).samples()) == 3
     only_cat = write_coco(tmp_path / "x", [{"image_id": 1, "category_id": 1, "segmentation": rect(0, 0, 2, 2)}])
     with pytest.raises(DataError, match="no image has an annotation of category 'dog'"):
         load_dataset(only_cat, category="dog", keep_empty=False)
@@ -256,7 +257,7 @@ def test_sample_ids_stay_unique_when_stems_repeat(tmp_path):
         p = tmp_path / "images" / fname.replace("\\", "/")
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(p)
-    ids = [s.id for s in load_dataset(ann, category="cat").samples()]
+    ids = [s.id for s in load_dataset(ann, category="cat", keep_empty=True).samples()]
     assert ids == ["x__00000_jpg", "y__00000_jpg", "y__00000_png", "z__00001_jpg"]
 
 

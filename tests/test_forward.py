@@ -58,7 +58,7 @@ class ScriptedOracle:
     def __init__(self, table, memory=lambda k: 100 * k):
         self.table = table
         self.samples = [Sample("v", "c", image=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), int))]
-        self.backend = SimpleNamespace(memory_bytes=lambda k, size=None: memory(k), name="scripted",
+        self.backend = SimpleNamespace(memory_bytes=lambda k, size=None, num_classes=2: memory(k), name="scripted",
                                        config=lambda: {"name": "scripted"}, memory_kind="scripted")
         self.num_classes = 2
         self.uses_pair_cache = True

@@ -42,7 +42,7 @@ class MeanColourBackend(Backend):
             out.append(torch.stack([1 - p1, p1]))
         return out
 
-    def memory_bytes(self, num_prompts, image_size=None):
+    def memory_bytes(self, num_prompts, image_size=None, num_classes=2):
         return 1000 * num_prompts
 
 

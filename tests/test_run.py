@@ -197,3 +197,14 @@ def test_a_cuda_out_of_memory_becomes_one_line_and_the_run_stays_resumable(blob_
     assert (tmp_path / "run" / "state.json").is_file() and not (tmp_path / "run" / "result.json").exists()
     monkeypatch.setattr(FeaturesBackend, "pair_stats", real)
     assert _select(task, tmp_path / "run", memory_budget="1GiB") == reference
+
+
+def test_output_files_get_the_users_umask_not_private_modes(blob_dataset: Path, tmp_path: Path) -> None:
+    """Atomic writes go through mkstemp (mode 0600); results must be readable like any file the user creates."""
+    old = os.umask(0o022)
+    try:
+        _select(_task(blob_dataset), tmp_path / "run")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert modes and set(modes.values()) == {0o644}, modes

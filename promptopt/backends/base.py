@@ -213,8 +213,10 @@ class Backend(ABC):
         return [self.predict(ps, [query], num_classes)[0] for ps in prompt_sets]
 
     @abstractmethod
-    def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None) -> int:
-        """Estimated peak device memory (bytes) of one prediction with ``num_prompts`` prompts."""
+    def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None, num_classes: int = 2) -> int:
+        """Estimated peak device memory (bytes) of one prediction with ``num_prompts`` prompts of a task with
+        ``num_classes`` classes on an image of ``image_size`` (H, W): a function of its arguments only, never of
+        what the backend happens to have cached (a resumed run must decide as an uninterrupted one did)."""
 
     @property
     def memory_kind(self) -> str:

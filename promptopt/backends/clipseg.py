@@ -85,6 +85,7 @@ import torch.nn.functional as F
 
 from ..data import Sample
 from ..errors import CheckpointError, ConfigError
+from ..space import Float
 from .base import Backend, Context, Prompt, Stats, TextPrompt, infer_num_classes, one_hot_mask
 from .cache import TensorLRU
 from .checkpoints import check_options, load_config, load_part, locate, resolve_dtype
@@ -178,6 +179,8 @@ class CLIPSegBackend(Backend):
     name = "clipseg"
     combines = "output"
     prompt_types = frozenset({"text", "image"})
+    #: a search may move the foreground cut (the authors report 0.3 and 0.5; the range brackets both)
+    search_space = (Float("threshold", 0.1, 0.7),)
 
     def __init__(self, model: Any = None, processor: Any = None, *, checkpoint: str | None = None,
                  threshold: float = 0.5, device: str | torch.device = "cpu", dtype: str = "float32",
@@ -213,7 +216,6 @@ class CLIPSegBackend(Backend):
         self._activations = TensorLRU(cache_bytes)
         self._texts: dict[str, torch.Tensor] = {}
         self._visual: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
-        self._max_classes = 1
         #: CLIP vision-encoder runs on queries (cache misses), decoder runs, and condition encodings (for tests)
         self.encoder_calls = 0
         self.decoder_calls = 0
@@ -354,7 +356,6 @@ class CLIPSegBackend(Backend):
     # --- output-level statistics -------------------------------------------------------------------
     def pair_stats(self, prompt: Prompt, query: Sample, num_classes: int) -> Stats:
         """Per-class foreground probability sum (K, h, w) at the model's resolution, and a count per class."""
-        self._max_classes = max(self._max_classes, num_classes - 1)
         conds = self.conditions(prompt, num_classes)
         k = num_classes - 1
         count = torch.zeros((k,), device=self.device)
@@ -388,7 +389,7 @@ class CLIPSegBackend(Backend):
         return self.predict_from_pairs(prompts, queries, num_classes or infer_num_classes(prompts))
 
     # --- memory ------------------------------------------------------------------------------------
-    def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None) -> int:
+    def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None, num_classes: int = 2) -> int:
         """Analytic estimate (not a measurement) of one prediction's peak device memory.
 
         Weights; one CLIP vision pass at the input size (every head's T×T
@@ -397,13 +398,12 @@ class CLIPSegBackend(Backend):
         the decoder's rows for the task's classes (its layers at the reduced
         width and the transposed-convolution maps); the statistics of every
         prompt held before they are merged; and the output probabilities at
-        ``image_size``. The class count is the largest seen so far (1 before
-        any prediction).
+        ``image_size``. ``num_classes`` is the task's (background included).
         """
         cfg = self.model.config
         vc, tc = cfg.vision_config, cfg.text_config
         elt = torch.finfo(self.dtype).bits // 8
-        k = self._max_classes
+        k = max(1, int(num_classes) - 1)
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         p = int(vc.patch_size)
         tokens = (self.input_size[0] // p) * (self.input_size[1] // p) + 1

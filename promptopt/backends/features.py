@@ -403,7 +403,7 @@ class FeaturesBackend(Backend):
         bias = torch.cat([p[2] for p in parts])
         return [self._kernel_probs(self._head(self.features_of(q), f_c, y_c, bias, k), q) for q in queries]
 
-    def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None) -> int:
+    def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None, num_classes: int = 2) -> int:
         """Analytic estimate (CPU or GPU): features of one query and one prompt being processed, the
         sampled context pixels of every prompt, one logits chunk, the statistics and the output.
         Prompts are processed one at a time, so the growth with ``num_prompts`` is small."""

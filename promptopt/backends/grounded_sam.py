@@ -74,6 +74,7 @@ import torch
 
 from ..data import Sample
 from ..errors import CheckpointError, ConfigError
+from ..space import Float
 from .base import Backend, Prompt, Stats, TextPrompt, infer_num_classes
 from .cache import TensorLRU
 from .checkpoints import check_options, load_config, load_part, locate, resolve_dtype
@@ -125,6 +126,9 @@ class GroundedSAMBackend(Backend):
     name = "grounded-sam"
     combines = "output"
     prompt_types = frozenset({"text"})
+    #: a search may move both detection thresholds around the demo's 0.3 / 0.25 (a backend made by
+    #: :meth:`with_options` shares the raw detections, so moving a threshold there runs no model)
+    search_space = (Float("box_threshold", 0.1, 0.6), Float("text_threshold", 0.1, 0.6))
 
     def __init__(
         self,
@@ -187,7 +191,6 @@ class GroundedSAMBackend(Backend):
         #: shared with the backends :meth:`with_options` makes
         self._embeddings = TensorLRU(cache_bytes)
         self._detections: dict[tuple[str, str], Detection] = {}
-        self._max_classes = 1
         #: model runs (cache misses), for tests and benchmarks
         self.detector_calls = 0
         self.encoder_calls = 0
@@ -371,7 +374,6 @@ class GroundedSAMBackend(Backend):
         if prompt.num_classes != num_classes:
             raise ConfigError(f"text prompt {list(prompt.texts)!r} names {len(prompt.texts)} class(es); the task has "
                               f"{num_classes - 1} foreground class(es): give one phrase per class")
-        self._max_classes = max(self._max_classes, num_classes - 1)
         return {"sum": self.foreground(prompt, query), "count": torch.ones((num_classes - 1,), device=self.device)}
 
     def merge_stats(self, a: Stats, b: Stats) -> Stats:
@@ -396,7 +398,7 @@ class GroundedSAMBackend(Backend):
             s = long / max(H, W)
         return max(1, round(H * s)), max(1, round(W * s))
 
-    def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None) -> int:
+    def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None, num_classes: int = 2) -> int:
         """Analytic estimate (not a measurement) of one prediction's peak device memory.
 
         Both models' weights; the larger of the detector's activations (Swin
@@ -409,12 +411,12 @@ class GroundedSAMBackend(Backend):
         together); the cached SAM embedding; one chunk of
         ``box_batch`` box masks at SAM's padded input size and at the image's;
         every prompt's statistics before the merge and the output probabilities.
-        Sizes default to a 1024×1024 image; the class count is the largest
-        seen so far (1 before any prediction).
+        Sizes default to a 1024×1024 image; ``num_classes`` is the task's
+        (background included).
         """
         elt = torch.finfo(self.dtype).bits // 8
         H, W = image_size or (1024, 1024)
-        k = self._max_classes
+        k = max(1, int(num_classes) - 1)
         weights = sum(p.numel() * p.element_size() for p in (*self.detector.parameters(), *self.sam.parameters()))
         dc = self.detector.config
         bc = dc.backbone_config

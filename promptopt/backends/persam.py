@@ -930,7 +930,7 @@ class PerSAMBackend(Backend):
     def memory_kind(self) -> str:
         return "profiled" if self.device.type == "cuda" else "analytic estimate"
 
-    def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None) -> int:
+    def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None, num_classes: int = 2) -> int:
         """Peak device memory of one prediction with ``num_prompts`` references, an image being encoded.
 
         The embedding cache counts at its cap (``cache_bytes``), so the figure does not
@@ -946,7 +946,7 @@ class PerSAMBackend(Backend):
         if self.device.type == "cuda":
             return self._profiled_peak(k, hw)
         return persam_memory(self.model, dtype=self.dtype, k=k, image_size_hw=hw, cached=False,
-                             resident_bytes=self.cache_bytes).total
+                             num_classes=num_classes, resident_bytes=self.cache_bytes).total
 
     def _profiled_peak(self, k: int, image_size: tuple[int, int], measure: Any = None) -> int:
         """Weights + embedding cache at its cap + the measured increment of the exact call."""

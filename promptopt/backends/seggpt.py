@@ -509,7 +509,7 @@ class SegGPTBackend(Backend):
         """
         return self.cache_bytes
 
-    def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None) -> int:
+    def memory_bytes(self, num_prompts: int, image_size: tuple[int, int] | None = None, num_classes: int = 2) -> int:
         """Peak device memory of predicting one query with ``num_prompts``-prompt sets.
 
         On CUDA the exact call (:meth:`rows` rows of the model's input size, this
@@ -528,7 +528,7 @@ class SegGPTBackend(Backend):
             return self._profiled_peak(rows, hw)
         k = rows if self.ensemble == "feature" else max(1, int(num_prompts))
         return seggpt_inference_memory(self.model, dtype=self.dtype, k=k, image_size_hw=hw, ensemble=self.ensemble,
-                                       batch_size=self.batch_size, attention=self.attention,
+                                       batch_size=self.batch_size, num_classes=num_classes, attention=self.attention,
                                        resident_bytes=self.resident_bytes).total
 
     def tuning_memory_bytes(self, num_contexts: int, image_size: tuple[int, int], batch_size: int) -> int:

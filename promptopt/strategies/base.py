@@ -110,7 +110,7 @@ class PromptStrategy:
 
     def memory_for(self, k: int) -> int:
         """Estimated peak (bytes) of predicting one image with ``k`` prompts."""
-        return int(self.oracle.backend.memory_bytes(max(1, int(k)), self.image_size()))
+        return int(self.oracle.backend.memory_bytes(max(1, int(k)), self.image_size(), self.oracle.num_classes))
 
     def fits(self, k: int) -> bool:
         """Whether ``k`` prompts fit the memory budget (always, without one)."""

@@ -26,6 +26,7 @@ _REGISTRY: dict[str, str | type[PromptStrategy]] = {
     "worst-case": "promptopt.strategies.baselines:WorstCaseGreedy",
     "retrieval": "promptopt.strategies.retrieval:RetrievalSelector",
     "tuned": "promptopt.strategies.tuning:ContextTuner",
+    "text": "promptopt.strategies.text:TextPromptSelector",
 }
 
 #: options every strategy takes from :class:`PromptStrategy` (the run and the search fill them in)

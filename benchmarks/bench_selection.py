@@ -3,10 +3,10 @@
 For every category (the 20 DAVIS 2016 objects and Weizmann horse) and split seed (0, 1, 2), with the weight-free
 ``features`` backend:
 
-* forward selection (k capped at ``--cap``, patience 1) under each oracle mode (``holdout``: the val split;
-  ``cv``: pool ∪ val, each set scored on every image but its own prompts) and each acceptance rule
-  (``none``: any positive gain; ``se``: gain above z standard errors of the per-image paired differences;
-  ``bootstrap``: lower end of a seeded one-sided paired-bootstrap interval above zero);
+* forward selection (k capped at ``--cap``) under each oracle mode (``holdout``: the val split; ``cv``: pool ∪ val,
+  each set scored on every image but its own prompts) and each acceptance rule of ``CONFIGS`` (``none``: any
+  positive gain; ``se@z``: gain above z standard errors of the per-image paired differences; ``bootstrap@1``: lower
+  end of a seeded one-sided paired-bootstrap interval above zero; patience 1, one config 2);
 * baselines under the same oracle: random-k at the k forward chose (mean over ``--random-seeds`` draws), random
   search with as many oracle evaluations as forward used over sets of 1..cap prompts, best single;
   and, independent of any oracle, random sets of ``cap`` prompts (mean over the same draws);
@@ -17,7 +17,10 @@ where it stopped; ``summarize`` (run at the end, or alone with ``--summary-only`
 ``<out>/selection.json``.
 
 ``tuning`` (a second subcommand) runs context tuning with its checkpoint picked by each rule on the same
-categories (split seed 0, holdout and cv oracle) and writes ``<out>/tuning_rows.jsonl``.
+categories (split seed 0, ``TUNING_CONFIGS``) and writes ``<out>/tuning_rows.jsonl`` and ``tuning_selection.json``.
+
+Backend options (``--max-side 128 --pixels 512``) and horse's split (pool 32, val 16, test 64) are below the
+defaults so that everything fits in about an hour and a half of one CPU core.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_selection.py select --davis ../shared/data/davis2016_val \\
         --horse ../shared/data/weizmann_horse --out benchmarks/results

@@ -152,7 +152,7 @@ def main() -> None:
         for s in imgs:
             from promptopt.backends.persam import ImageState
 
-            be._images[s.key] = ImageState(torch.randn(1, 256, 64, 64), s.size, (576, 1024))
+            be._images.put(s.key, ImageState(torch.randn(1, 256, 64, 64), s.size, (576, 1024)))
         pair = timed(lambda: be.pair_stats(imgs[0], imgs[1], 2), 3)
         row = {"model": "vit-b", "device": "cpu", "dtype": "float32", "encoder_s_single_pass": enc, "pair_s": pair,
                "memory_bytes_estimate_k1": be.memory_bytes(1, imgs[1].size),

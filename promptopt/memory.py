@@ -16,7 +16,7 @@ import math
 import re
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Callable
 
 import torch
 

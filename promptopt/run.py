@@ -51,7 +51,7 @@ from .artifacts import (atomic_write_bytes, atomic_write_json, atomic_write_text
                         read_json)
 from .backends.base import Backend, BackendSpec
 from .data import Sample
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 from .memory import format_bytes, out_of_memory_as_budget_error, parse_bytes
 from .oracle import ValidationOracle, prediction_to_labels
 from .report import figures_and_command, fmt, markdown_table, write_report

@@ -463,7 +463,7 @@ def test_memory_figure_is_the_calibrated_model_cold_and_the_cuda_path_profiles_t
     assert be.memory_bytes(3, (480, 854)) == expected
     be.prepare(blobs[:2])
     assert be.memory_bytes(3, (480, 854)) == expected
-    before = (dict(be._images), be.encoder_calls, be.decoder_calls)
+    before = (be._images.keys(), be.encoder_calls, be.decoder_calls)
     ran, encoder = [], be.model.get_image_embeddings
 
     def counting(*args, **kwargs):
@@ -482,4 +482,4 @@ def test_memory_figure_is_the_calibrated_model_cold_and_the_cuda_path_profiles_t
     assert len(ran) == 3  # two references and the query were encoded: a cold call
     be._profiled_peak(2, (40, 56))
     assert be._profiler.measurements == 1
-    assert (dict(be._images), be.encoder_calls, be.decoder_calls) == before
+    assert (be._images.keys(), be.encoder_calls, be.decoder_calls) == before

@@ -40,7 +40,6 @@ Prompt kinds
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ import torch
 
 from ..data import IGNORE_INDEX, Sample, check_labels
 from ..errors import ConfigError
+from ..registry import load_entry
 from ..space import SearchSpace
 
 Stats = dict[str, torch.Tensor]
@@ -251,27 +251,14 @@ class Backend(ABC):
             return prompt
         return Context.from_sample(prompt, num_classes, self.device)
 
-    def learned_state(self, prompt_keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tensors the backend learned for these prompts (e.g. PerSAM-F's mixing weights); none by default.
-
-        Learned state is state, not config: :meth:`config` never changes when a
-        backend learns, and a prompt artifact stores these tensors beside it.
-        """
-        return {}
-
-    def load_learned_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Restore tensors saved by :meth:`learned_state` (a backend that learns nothing accepts none)."""
-        if tensors:
-            raise ConfigError(f"backend {self.name!r} learns no state, but the prompt carries "
-                              f"{len(tensors)} learned tensor(s)")
-
-    def tuning_memory_bytes(self, num_contexts: int, image_size: tuple[int, int], batch_size: int) -> int:
+    def tuning_memory_bytes(self, num_contexts: int, image_size: tuple[int, int], batch_size: int,
+                            num_classes: int = 2) -> int:
         """Estimated peak of one context-tuning step (``tuning_loss`` on ``batch_size`` images + backward).
 
         The default keeps one prediction per training image alive for the backward pass;
         backends whose activations dominate differently override it.
         """
-        return int(batch_size * self.memory_bytes(num_contexts, image_size))
+        return int(batch_size * self.memory_bytes(num_contexts, image_size, num_classes))
 
     def tuning_loss(self, prompts: Sequence[Context], queries: Sequence[Sample], num_classes: int) -> torch.Tensor:
         """Differentiable loss of a (learnable) context on labelled queries, for context tuning.
@@ -374,14 +361,7 @@ def available_backends() -> list[str]:
 def _resolve(name: str) -> Callable[..., Backend]:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown backend {name!r}; available: {', '.join(_REGISTRY)}")
-    factory = _REGISTRY[name]
-    if isinstance(factory, str):
-        module, _, attr = factory.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"backend {name!r} is registered but cannot be loaded ({exc})") from None
-    return factory
+    return load_entry(_REGISTRY[name], f"backend {name!r}")
 
 
 def create_backend(name: str, checkpoint: str | None = None, options: Mapping[str, Any] | None = None, **kwargs: Any) -> Backend:

@@ -15,12 +15,13 @@ import torch
 
 
 def tensor_bytes(value: Any) -> int:
-    """Bytes of the tensors in a tensor, or in a (nested) tuple / list of them (other items count 0)."""
+    """Bytes of the tensors in a tensor, in a (nested) tuple / list of them, or an object's ``nbytes``
+    (other items count 0)."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, (tuple, list)):
         return sum(tensor_bytes(v) for v in value)
-    return 0
+    return int(getattr(value, "nbytes", 0) or 0)
 
 
 class TensorLRU:
@@ -48,6 +49,14 @@ class TensorLRU:
         while self.nbytes > self.budget and len(self._items) > 1:
             _, old = self._items.popitem(last=False)
             self.nbytes -= tensor_bytes(old)
+
+    def pop(self, key: Hashable) -> Any | None:
+        value = self._items.pop(key, None)
+        self.nbytes -= tensor_bytes(value)
+        return value
+
+    def keys(self) -> list[Hashable]:
+        return list(self._items)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._items

@@ -51,6 +51,7 @@ from ..data import Sample
 from ..errors import ConfigError
 from ..space import Choice
 from .base import Backend, Context, Prompt, Stats, infer_num_classes
+from .cache import TensorLRU
 
 # Typical magnitude (std over natural images) of each channel type, used to put
 # channels on a common scale. Measured once on weizmann_horse and DAVIS 2016
@@ -173,8 +174,7 @@ class FeaturesBackend(Backend):
         self.device = torch.device(device)
         self.cache_bytes = int(cache_bytes)
         self.chunk_pixels = int(chunk_pixels)
-        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._features_bytes = 0
+        self._features = TensorLRU(self.cache_bytes)
         self._contexts: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
         #: images whose features were computed (a cache miss), for tests and benchmarks
         self.feature_computations = 0
@@ -233,19 +233,12 @@ class FeaturesBackend(Backend):
 
     def features_of(self, sample: Sample) -> torch.Tensor:
         """Cached features of a labelled/unlabelled sample (computed on first use)."""
-        key = sample.key
-        feats = self._features.get(key)
-        if feats is not None:
-            self._features.move_to_end(key)
-            return feats
-        with torch.no_grad():
-            feats = self.compute_features(self._sample_image(sample)).contiguous()
-        self.feature_computations += 1
-        self._features[key] = feats
-        self._features_bytes += feats.numel() * feats.element_size()
-        while self._features_bytes > self.cache_bytes and len(self._features) > 1:
-            _, old = self._features.popitem(last=False)
-            self._features_bytes -= old.numel() * old.element_size()
+        feats = self._features.get(sample.key)
+        if feats is None:
+            with torch.no_grad():
+                feats = self.compute_features(self._sample_image(sample)).contiguous()
+            self.feature_computations += 1
+            self._features.put(sample.key, feats)
         return feats
 
     def prepare(self, samples: Sequence[Sample]) -> None:
@@ -259,7 +252,6 @@ class FeaturesBackend(Backend):
     def clear_cache(self) -> None:
         self._features.clear()
         self._contexts.clear()
-        self._features_bytes = 0
 
     # --- context pixels --------------------------------------------------------------------------
     def _rng(self, key: str | None) -> np.random.Generator:

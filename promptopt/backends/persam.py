@@ -150,7 +150,6 @@ import contextlib
 import inspect
 import math
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -164,6 +163,7 @@ from ..errors import CheckpointError, ConfigError
 from ..space import Choice
 from . import persam_official as official
 from .base import Backend, Context, Prompt, Stats, infer_num_classes
+from .cache import TensorLRU
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -475,8 +475,7 @@ class PerSAMBackend(Backend):
         self._mask_norm = (float(mean[0]) if mean is not None else 0.485, float(std[0]) if std is not None else 0.229)
         #: learned PerSAM-F weights (3,) per "reference key#class" (state: see learned_state)
         self.mask_weights: dict[str, torch.Tensor] = {}
-        self._images: OrderedDict[str, ImageState] = OrderedDict()
-        self._images_bytes = 0
+        self._images = TensorLRU(self.cache_bytes)
         self._targets: dict[tuple[str, int], dict[int, Target]] = {}
         #: image-encoder runs (cache misses), for tests and benchmarks
         self.encoder_calls = 0
@@ -598,15 +597,9 @@ class PerSAMBackend(Backend):
             img = (item.image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
             return self._encode(img)
         st = self._images.get(item.key)
-        if st is not None:
-            self._images.move_to_end(item.key)
-            return st
-        st = self._encode(item.image)
-        self._images[item.key] = st
-        self._images_bytes += st.nbytes
-        while self._images_bytes > self.cache_bytes and len(self._images) > 1:
-            _, old = self._images.popitem(last=False)
-            self._images_bytes -= old.nbytes
+        if st is None:
+            st = self._encode(item.image)
+            self._images.put(item.key, st)
         return st
 
     def prepare(self, samples: Sequence[Sample]) -> None:
@@ -615,7 +608,6 @@ class PerSAMBackend(Backend):
 
     def clear_cache(self) -> None:
         self._images.clear()
-        self._images_bytes = 0
         self._targets.clear()
 
     # --- references ------------------------------------------------------------------------------------
@@ -973,9 +965,7 @@ class PerSAMBackend(Backend):
             self.predict(samples[:k], samples[k:], 2)
         finally:
             for smp in samples:
-                st = self._images.pop(smp.key, None)
-                if st is not None:
-                    self._images_bytes -= st.nbytes
+                self._images.pop(smp.key)
             self._targets = {key: v for key, v in self._targets.items() if not str(key[0]).startswith("__profile")}
             self.mask_weights = {key: v for key, v in self.mask_weights.items() if not key.startswith("__profile")}
             self.encoder_calls, self.decoder_calls, self.trainings = counters

@@ -99,7 +99,6 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -110,6 +109,7 @@ from ..data import Sample
 from ..errors import CheckpointError, ConfigError
 from ..space import Choice
 from .base import Backend, Context, Prompt, Stats, infer_num_classes, one_hot_mask
+from .cache import TensorLRU
 from .seggpt_codec import SegGptCodec, seggpt_palette
 from .seggpt_encoder import SegGptOutput, SegGptRunner, check_attention
 
@@ -214,9 +214,8 @@ class SegGPTBackend(Backend):
                                                                                           self.device, self.dtype)
         self.runner = SegGptRunner(self.model, reference=reference, attention=attention,
                                    checkpointing=self.checkpointing, compile=self.compile)
-        self._queries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._prompts: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._cached_bytes = 0
+        #: preprocessed inputs, one byte budget: ("query", key) → image; ("prompt", key, classes) → (image, mask)
+        self._inputs = TensorLRU(self.cache_bytes)
         self._profiler = None
         #: model calls and rows pushed through the model (for tests and benchmarks)
         self.model_calls = 0
@@ -304,23 +303,12 @@ class SegGPTBackend(Backend):
         """(C, H, W) class probabilities → (3, h, w) normalised palette image (float path if it requires grad)."""
         return self.codec.mask(mask)
 
-    def _remember(self, cache: OrderedDict, key: Any, value: Any) -> None:
-        cache[key] = value
-        tensors = value if isinstance(value, tuple) else (value,)
-        self._cached_bytes += sum(t.numel() * t.element_size() for t in tensors)
-        while self._cached_bytes > self.cache_bytes and len(cache) > 1:
-            _, old = cache.popitem(last=False)
-            olds = old if isinstance(old, tuple) else (old,)
-            self._cached_bytes -= sum(t.numel() * t.element_size() for t in olds)
-
     def query_input(self, query: Sample) -> torch.Tensor:
         """Normalised model input of a query image (uint8 path of the reference; cached by sample key)."""
-        x = self._queries.get(query.key)
+        x = self._inputs.get(("query", query.key))
         if x is None:
             x = self.codec.image(query.image)
-            self._remember(self._queries, query.key, x)
-        else:
-            self._queries.move_to_end(query.key)
+            self._inputs.put(("query", query.key), x)
         return x
 
     def prompt_input(self, prompt: Prompt, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,14 +317,12 @@ class SegGPTBackend(Backend):
             if prompt.mask.shape[0] != num_classes:
                 raise ConfigError(f"context has {prompt.mask.shape[0]} classes, the task has {num_classes}")
             return self.codec.image(prompt.image), self.codec.mask(prompt.mask)
-        key = (prompt.key, num_classes)
-        hit = self._prompts.get(key)
-        if hit is not None:
-            self._prompts.move_to_end(key)
-            return hit
-        out = (self.codec.image(prompt.image), self.codec.mask(one_hot_mask(prompt.mask, num_classes)))
-        self._remember(self._prompts, key, out)
-        return out
+        key = ("prompt", prompt.key, num_classes)
+        hit = self._inputs.get(key)
+        if hit is None:
+            hit = (self.codec.image(prompt.image), self.codec.mask(one_hot_mask(prompt.mask, num_classes)))
+            self._inputs.put(key, hit)
+        return hit
 
     def prepare(self, samples: Sequence[Sample]) -> None:
         """Preprocess (resize, normalise) the images once; SegGPT has no per-image state beyond that."""
@@ -345,9 +331,7 @@ class SegGPTBackend(Backend):
                 self.query_input(s)
 
     def clear_cache(self) -> None:
-        self._queries.clear()
-        self._prompts.clear()
-        self._cached_bytes = 0
+        self._inputs.clear()
 
     # --- the model call ----------------------------------------------------------------------------
     def _forward(self, queries: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, sizes: Sequence[int],
@@ -531,7 +515,8 @@ class SegGPTBackend(Backend):
                                        batch_size=self.batch_size, num_classes=num_classes, attention=self.attention,
                                        resident_bytes=self.resident_bytes).total
 
-    def tuning_memory_bytes(self, num_contexts: int, image_size: tuple[int, int], batch_size: int) -> int:
+    def tuning_memory_bytes(self, num_contexts: int, image_size: tuple[int, int], batch_size: int,
+                            num_classes: int = 2) -> int:
         """Peak of one context-tuning step (``tuning_loss`` on ``batch_size`` images + backward):
         profiled on CUDA for exactly these contexts × images, else
         :func:`~promptopt.memory_models.seggpt_tuning_memory` (with or without checkpointing)."""
@@ -541,7 +526,8 @@ class SegGPTBackend(Backend):
             return self._profiled_peak((int(num_contexts), int(batch_size)), tuple(image_size), tuning=True)
         return seggpt_tuning_memory(self.model, dtype=self.dtype, contexts=num_contexts, batch_size=batch_size,
                                     checkpointing=self.checkpointing, image_size_hw=tuple(image_size),
-                                    attention=self.attention, resident_bytes=self.resident_bytes).total
+                                    num_classes=num_classes, attention=self.attention,
+                                    resident_bytes=self.resident_bytes).total
 
     def _profiled_peak(self, shape: int | tuple[int, int], image_size: tuple[int, int], tuning: bool = False,
                        measure: Any = None) -> int:
@@ -576,11 +562,11 @@ class SegGPTBackend(Backend):
                            torch.full((2, h, w), 0.5, device=self.device, requires_grad=True)) for _ in range(n)]
             queries = [Sample(f"profile-{i}", "", image=torch.zeros(h, w, 3, dtype=torch.uint8).numpy(),
                               mask=torch.zeros(h, w, dtype=torch.long).numpy()) for i in range(q)]
-            saved = (self._queries.copy(), self._cached_bytes)
             try:
                 self.tuning_loss(ctx, queries, 2).backward()
             finally:
-                self._queries, self._cached_bytes = saved
+                for smp in queries:
+                    self._inputs.pop(("query", smp.key))
             return
         x = torch.zeros(int(shape), 3, *self.input_size, device=self.device)  # type: ignore[arg-type]
         sizes = [int(shape)] if self.ensemble == "feature" else [1] * int(shape)  # type: ignore[arg-type]

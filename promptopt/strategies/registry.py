@@ -10,11 +10,11 @@ something silently ignored.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any
 
 from ..errors import ConfigError
+from ..registry import load_entry
 from ..oracle import ValidationOracle
 from .base import PromptStrategy
 
@@ -52,14 +52,7 @@ def strategy_class(name: str) -> type[PromptStrategy]:
     """The class registered under ``name`` (imported on first use)."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(_REGISTRY)}")
-    cls = _REGISTRY[name]
-    if isinstance(cls, str):
-        module, _, attr = cls.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except ImportError as exc:
-            raise ConfigError(f"strategy {name!r} cannot be loaded here ({exc})") from None
-        _REGISTRY[name] = cls
+    cls = _REGISTRY[name] = load_entry(_REGISTRY[name], f"strategy {name!r}")
     return cls
 
 

@@ -359,7 +359,8 @@ class ContextTuner(PromptStrategy):
     def tuning_memory_bytes(self, num_contexts: int, image_size: tuple[int, int], context_numel: int) -> int:
         """Estimated peak of one tuning step: the backend's figure for ``batch_size`` images plus the
         context's parameter, gradient and two Adam moments (float32)."""
-        return int(self.backend.tuning_memory_bytes(num_contexts, image_size, self.batch_size) + 4 * 4 * context_numel)
+        return int(self.backend.tuning_memory_bytes(num_contexts, image_size, self.batch_size, self.oracle.num_classes)
+                   + 4 * 4 * context_numel)
 
     def _fingerprint(self, train: list[Sample], init: list[Sample] | None, c: int) -> str:
         return fingerprint({

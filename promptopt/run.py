@@ -354,7 +354,7 @@ def run_strategy(
     search_k = max(k, int(options.get("max_prompts") or getattr(main, "largest_scored_", k)))
 
     def fit_baseline(name: str) -> dict[str, Any]:
-        kk = search_k if name == "random-search" else k
+        kk = search_k if strategy_class(name).searches_sizes else k
         b = make_strategy(name, val, strict=False, k=kk, n_trials=budget_calls, seeds=random_seeds,
                           memory_budget=budget, progress=progress, **rule)
         with out_of_memory_as_budget_error(f"baseline {name!r} (k={kk})", b.memory_for(kk), budget):

@@ -67,6 +67,9 @@ class PromptStrategy:
     baselines: ClassVar[tuple[str, ...]] = ("random", "best-single", "random-search", "worst-case")
     #: True when every image gets its own prompts (retrieval): ``selected_`` is then the union used
     per_query: ClassVar[bool] = False
+    #: as a baseline: searches set sizes up to ``k`` (a run gives it the largest size the strategy scored and
+    #: the same number of oracle evaluations) rather than using exactly the chosen k
+    searches_sizes: ClassVar[bool] = False
     #: the kind of prompt artifact :meth:`save_prompt` writes (``promptopt predict`` dispatches on it)
     artifact_kind: ClassVar[str] = "fixed"
 

@@ -107,6 +107,7 @@ class RandomSearch(PromptStrategy):
     """
 
     name = "random-search"
+    searches_sizes = True
     search_space = (Int("k", 1, MAX_K), Choice("n_trials", (10, 30)))
 
     def __init__(self, oracle: ValidationOracle, *, k: int = 4, n_trials: int = 50, seed: int = 0,

@@ -1,10 +1,13 @@
 """promptopt: optimise the prompt, not the weights, of in-context image segmenters.
 
-The data flows one way: dataset → backend (segmenter) → oracle → strategy →
-artifact/report. Start with :class:`~promptopt.task.Task`,
-:func:`~promptopt.backends.create_backend`,
-:class:`~promptopt.oracle.ValidationOracle` and
-:class:`~promptopt.strategies.ForwardSelector`.
+The data flows one way: dataset (:mod:`~promptopt.data`, :mod:`~promptopt.coco`,
+:mod:`~promptopt.task`) → backend (:mod:`~promptopt.backends`) → oracle
+(:mod:`~promptopt.oracle`) → strategy (:mod:`~promptopt.strategies`, built by name
+through its registry) → run (:mod:`~promptopt.run`, :mod:`~promptopt.search`) →
+report (:mod:`~promptopt.report`, :mod:`~promptopt.predict`). Start with
+:class:`~promptopt.task.Task`, :func:`~promptopt.backends.create_backend`,
+:class:`~promptopt.oracle.ValidationOracle`,
+:func:`~promptopt.strategies.make_strategy` and :func:`~promptopt.run.run_strategy`.
 """
 
 from .backends import Backend, Context, create_backend

@@ -218,3 +218,46 @@ def test_ctrl_c_interrupts_without_a_traceback_and_the_rerun_evaluates_the_inter
     assert_exact_and_without_repeats(trials, 3)
     assert trials[queued[0].number].state in FINISHED
     assert read_json(out / "cost.json")["void_trials"][0]["why"].startswith("interrupted (Ctrl-C); run again as trial")
+
+
+@pytest.mark.timeout(600)
+def test_a_search_killed_at_each_point_in_turn_resumes_to_the_uninterrupted_answer(cluttered_dataset: Path,
+                                                                                   tmp_path: Path) -> None:
+    """Every kill point of a single-worker search in turn — SIGKILL in the middle of each evaluation, and right
+    after each write of the run's state (before the first trial; after the result is published) — then the same
+    command again: result.json equals the uninterrupted search's in every number (best configuration, val and
+    test scores, trial counts), and the rerun of a finished search changes no file."""
+    n_trials = 3
+    whole = tmp_path / "whole"
+    plain = start(None, *search_args(cluttered_dataset, whole, None, n_trials, heartbeat=30))
+    assert plain.communicate(timeout=240)[0] is not None and plain.returncode == 0
+    trials = load(None, whole).get_trials(deepcopy=False)
+    evaluations = sum(1 for t in trials if t.state in FINISHED and "duplicate_of" not in t.user_attrs)
+    assert evaluations >= 2
+    reference = read_json(whole / "result.json")
+    reference.pop("storage"), reference.pop("command")
+
+    points = [("evaluation", n) for n in range(1, evaluations + 1)] + [("state write", 1), ("state write", 2)]
+    for kind, n in points:
+        out = tmp_path / f"killed-{kind.replace(' ', '-')}-{n}"
+        args = search_args(cluttered_dataset, out, None, n_trials, heartbeat=30)
+        if kind == "evaluation":
+            dying = start(DYING_WORKER, str(n), *args)
+        else:
+            dying = subprocess.Popen([sys.executable, "-m", "promptopt.cli", *args],
+                                     env={**ENV, "PROMPTOPT_KILL_AFTER_SAVES": str(n)},
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        dying.communicate(timeout=240)
+        assert dying.returncode == -signal.SIGKILL, f"{kind} {n}: the kill point was never reached"
+        rerun = start(None, *args)
+        _, err = rerun.communicate(timeout=240)
+        assert rerun.returncode == 0, f"{kind} {n}: {err}"
+        got = read_json(out / "result.json")
+        got.pop("storage"), got.pop("command")
+        assert got == reference, f"killed at {kind} {n}"
+        assert_exact_and_without_repeats(load(None, out).get_trials(deepcopy=False), n_trials)
+
+    finished = {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in whole.rglob("*") if p.is_file()}
+    again = start(None, *search_args(cluttered_dataset, whole, None, n_trials, heartbeat=30))
+    assert again.communicate(timeout=240)[0] is not None and again.returncode == 0
+    assert {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in whole.rglob("*") if p.is_file()} == finished

@@ -13,7 +13,7 @@ candidates on the same validation images (the ``text`` strategy) and see no
 pool example. All are scored on the same test images with promptopt's one
 metric implementation.
 
-Run (one command, resumable — finished units are kept in results.json)::
+Run (one command, resumable — finished units are kept in the run's state.json)::
 
     python experiments/fewshot_vs_supervised.py --config experiments/configs/weizmann_horse.json
 

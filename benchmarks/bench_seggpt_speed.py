@@ -120,7 +120,7 @@ class WholeStepSelector(ForwardSelector):
     def _score_step(self, selected, candidates):
         if self.shortlist is not None:
             return super()._score_step(selected, candidates)
-        return {c.id: r.miou for c, r in zip(candidates, self.oracle.score_additions(selected, candidates))}
+        return {c.id: r for c, r in zip(candidates, self.oracle.score_additions(selected, candidates))}
 
 
 def selection(path: str, args) -> dict:

@@ -572,7 +572,8 @@ def one_line(result: Mapping[str, Any]) -> str:
     line = (f"{result['category']}: {what} val mIoU {fmt(result['val_miou'], 4)}  "
             f"test mIoU {fmt(result.get('test_miou'), 4)}")
     if result.get("selected") is not None:
-        line += f"  ({len(result['selected'])} prompt(s): {', '.join(result['selected'][:8])})"
+        shown, more = result["selected"][:8], len(result["selected"]) - 8
+        line += f"  ({len(result['selected'])} prompt(s): {', '.join(shown)}{f', … {more} more' if more > 0 else ''})"
     stop = (result.get("summary") or {}).get("stop_reason")
     if stop == "pool_exhausted":
         line += "  [stopped: the pool has fewer examples than --max-prompts]"

@@ -25,7 +25,25 @@ from rich.table import Table
 
 from .errors import ConfigError, PromptOptError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class _FlagHelp:
+    """``--help`` shows no ``<bool>`` value: a flag takes none (typer labels it like an option that does)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_FlagHelp, typer.core.TyperGroup):
+    pass
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
                   help="Optimise the prompt, not the weights, of in-context image segmenters.")
 console = Console(stderr=True)
 out_console = Console()
@@ -230,7 +248,7 @@ def progress(quiet: bool) -> Iterator[Any]:
 
 
 # --- commands --------------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 @takes(t=TaskArgs, b=BackendArgs)
 def evaluate(
     t: TaskArgs,
@@ -262,7 +280,7 @@ def evaluate(
         out_console.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 @takes(t=TaskArgs, b=BackendArgs, r=RunArgs, s=SelectionArgs)
 def select(
     t: TaskArgs,
@@ -317,7 +335,7 @@ def _run_each(t: TaskArgs, r: RunArgs, run_one: Callable[..., dict[str, Any]]) -
         out_console.print(f"summary: {r.out / 'summary.md'}; reports: {r.out}/<category>/report.md")
 
 
-@app.command()
+@app.command(cls=_Command)
 @takes(t=TaskArgs, b=BackendArgs, r=RunArgs, s=SelectionArgs)
 def tune(
     t: TaskArgs,
@@ -353,7 +371,7 @@ def tune(
         _run_each(t, r, one)
 
 
-@app.command()
+@app.command(cls=_Command)
 @takes(t=TaskArgs, b=BackendArgs, r=RunArgs)
 def search(
     t: TaskArgs,
@@ -400,7 +418,7 @@ def _note(message: str) -> None:
     console.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 def predict(
     prompt: Path = typer.Option(..., "--prompt", help="prompt.json of a run (or the run folder)."),
     images: Path = typer.Option(..., "--images", help="Folder of images (or one image)."),
@@ -420,7 +438,7 @@ def predict(
         out_console.print(f"wrote {len(written)} mask(s) and predictions.csv to {out}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo run goes."),
     max_prompts: int = typer.Option(4, "--max-prompts"),
@@ -441,11 +459,11 @@ def demo(
 
 
 # --- embedding indexes (retrieval) ------------------------------------------------------------------
-index_app = typer.Typer(no_args_is_help=True, help="Build and query embedding indexes for retrieval-style prompts.")
+index_app = typer.Typer(no_args_is_help=True, cls=_Group, help="Build and query embedding indexes for retrieval-style prompts.")
 app.add_typer(index_app, name="index")
 
 
-@index_app.command("build")
+@index_app.command("build", cls=_Command)
 def index_build(
     data: Path = typer.Option(..., "--data", help="Dataset root (as for select)."),
     out: Path = typer.Option(..., "--out", help="Index folder, e.g. indexes/NAME (index.faiss + manifest.json)."),
@@ -471,7 +489,7 @@ def index_build(
         out_console.print(f"indexed {len(idx)} image(s) with {idx.encoder['name']} (dim {idx.dim}, {idx.kind}) into {out}")
 
 
-@index_app.command("query")
+@index_app.command("query", cls=_Command)
 def index_query(
     index: Path = typer.Option(..., "--index", help="Index folder."),
     image: Path = typer.Option(..., "--image", help="Query image file."),

@@ -169,3 +169,14 @@ def bundled_root():
     from promptopt.data import bundled_sample_root
 
     return bundled_sample_root()
+
+
+@pytest.mark.parametrize("command", [[], ["evaluate"], ["select"], ["tune"], ["predict"], ["search"], ["demo"],
+                                     ["index"], ["index", "build"], ["index", "query"]])
+def test_help_shows_no_value_on_flags(command) -> None:
+    """A flag takes no value (``--json true`` is an error), so the help must not show ``<bool>`` beside any flag —
+    ``--help`` itself included, which typer labels so by default."""
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "--help" in result.output
+    assert "<bool>" not in result.output

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import ConfigError, PromptOptError
+from .strategies.registry import available_strategies
 
 class _FlagHelp:
     """``--help`` shows no ``<bool>`` value: a flag takes none (typer labels it like an option that does)."""
@@ -286,9 +287,7 @@ def select(
     t: TaskArgs,
     b: BackendArgs,
     r: RunArgs,
-    strategy: str = typer.Option("forward", "--strategy",
-                                 help="forward | random | best-single | random-search | worst-case | retrieval | tuned "
-                                      "| text"),
+    strategy: str = typer.Option("forward", "--strategy", help=" | ".join(available_strategies())),
     max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="At most K prompts (the k of the baselines)."),
     k: Optional[int] = typer.Option(None, "--k", help="Exactly K prompts (random, random-search, retrieval)."),
     min_gain: Optional[float] = typer.Option(None, "--min-gain", help="forward: smallest val-mIoU gain that counts."),
@@ -378,8 +377,8 @@ def search(
     b: BackendArgs,
     r: RunArgs,
     strategies: str = typer.Option("forward,random-search", "--strategies",
-                                   help="Comma-separated strategies to search over (forward, random-search, retrieval, "
-                                        "tuned, best-single, text)."),
+                                   help="Comma-separated strategies to search over "
+                                        f"({', '.join(available_strategies(searchable=True))})."),
     n_trials: int = typer.Option(20, "--n-trials", help="Finished trials the study should hold, between all workers "
                                                         "(rerun with more to extend)."),
     max_k: int = typer.Option(8, "--max-k", help="Largest number of prompts a trial may use."),

@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled DAVIS sample and builders of small synthetic datasets on disk."""
+"""Shared fixtures: the bundled DAVIS sample, builders of small synthetic datasets on disk, and the fault
+injection that kills a run after a chosen write of its state."""
 
 from __future__ import annotations
 
@@ -14,7 +15,40 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.manual_seed(0)
 
+import promptopt.run as run_module  # noqa: E402
 from promptopt.data import bundled_sample_root  # noqa: E402
+
+
+# --- killing a run after its n-th state write (in process) ----------------------------------------------------
+class Killed(BaseException):
+    """Stands for SIGKILL: a BaseException that nothing in promptopt catches or cleans up after."""
+
+
+def count_state_writes(monkeypatch: pytest.MonkeyPatch, fn) -> tuple[int, object]:
+    """Run ``fn()`` uninterrupted; return how many times it wrote its run state, and what it returned."""
+    seen: list[int] = []
+    monkeypatch.setattr(run_module, "_saves", 0)
+    monkeypatch.setattr(run_module, "fault_hook", seen.append)
+    try:
+        value = fn()
+    finally:
+        monkeypatch.setattr(run_module, "fault_hook", None)
+    return len(seen), value
+
+
+def kill_after_state_write(monkeypatch: pytest.MonkeyPatch, n: int, fn) -> None:
+    """Run ``fn()`` and kill it (raise :class:`Killed`) right after its n-th state write; fail if it finishes first."""
+    def kill(count: int) -> None:
+        if count == n:
+            raise Killed
+
+    monkeypatch.setattr(run_module, "_saves", 0)
+    monkeypatch.setattr(run_module, "fault_hook", kill)
+    try:
+        with pytest.raises(Killed):
+            fn()
+    finally:
+        monkeypatch.setattr(run_module, "fault_hook", None)
 
 
 @pytest.fixture(scope="session")

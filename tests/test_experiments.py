@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import fewshot_vs_supervised as exp  # noqa: E402
-from promptopt import run as run_module  # noqa: E402
+from conftest import kill_after_state_write  # noqa: E402
 from promptopt.artifacts import read_json  # noqa: E402
 
 FAST = {"max_side": 64, "pixels_per_prompt": 128}
@@ -27,10 +27,6 @@ def _config(blob_dataset: Path) -> dict:
             "n_values": [2, 4], "unet_seeds": 1, "unet": {"size": [32, 32], "steps": 3, "batch_size": 2, "width": 4}}
 
 
-class Killed(BaseException):
-    """Stands for SIGKILL: nothing in promptopt catches it."""
-
-
 def test_experiment_runs_resumes_after_a_kill_and_reruns_for_free(blob_dataset: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "smoke.json"
@@ -38,16 +34,8 @@ def test_experiment_runs_resumes_after_a_kill_and_reruns_for_free(blob_dataset: 
     out = tmp_path / "out"
     logs: list[str] = []
 
-    def kill_after_third_save(n: int) -> None:
-        if n == 3:
-            raise Killed
-
-    monkeypatch.setattr(run_module, "fault_hook", kill_after_third_save)
-    monkeypatch.setattr(run_module, "_saves", 0)
-    with pytest.raises(Killed):
-        exp.run(path, out, log=logs.append)
+    kill_after_state_write(monkeypatch, 3, lambda: exp.run(path, out, log=logs.append))
     assert len(logs) == 3  # three units finished before the kill
-    monkeypatch.setattr(run_module, "fault_hook", None)
     summary = exp.run(path, out, log=logs.append)
     units = read_json(out / "results.json")["units"]
     assert len(logs) == 6  # the three finished units were not recomputed

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import count_state_writes, kill_after_state_write
 
-from promptopt import run as run_module
 from promptopt.artifacts import read_json
 from promptopt.backends import BackendSpec
 from promptopt.errors import BudgetError, ConfigError
@@ -20,10 +20,6 @@ from promptopt.run import KILL_ENV, Run, run_strategy
 from promptopt.task import Task
 
 FAST = {"max_side": 48, "pixels_per_prompt": 128}
-
-
-class Killed(BaseException):
-    """Stands for SIGKILL: a BaseException that nothing in promptopt catches or cleans up after."""
 
 
 def _task(root: Path, seed: int = 0) -> Task:
@@ -50,36 +46,18 @@ def _files(folder: Path) -> dict[str, tuple[int, bytes]]:
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
 
 
-def _count_saves(monkeypatch: pytest.MonkeyPatch, fn) -> int:
-    seen: list[int] = []
-    monkeypatch.setattr(run_module, "_saves", 0)
-    monkeypatch.setattr(run_module, "fault_hook", seen.append)
-    fn()
-    monkeypatch.setattr(run_module, "fault_hook", None)
-    return len(seen)
-
-
 @pytest.mark.parametrize("kind", ["select", "select-cv", "tune"])
 def test_killed_at_every_state_write_then_rerun_equals_uninterrupted(kind, blob_dataset: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     task = _task(blob_dataset)
     go = {"select": lambda out: _select(task, out), "select-cv": lambda out: _select_cv(task, out),
           "tune": lambda out: _tune(task, out)}[kind]
-    saves = _count_saves(monkeypatch, lambda: go(tmp_path / "reference"))
+    saves, _ = count_state_writes(monkeypatch, lambda: go(tmp_path / "reference"))
     reference = read_json(tmp_path / "reference" / "result.json")
     assert saves >= 4  # steps or evaluations, each baseline, the finish: every one is a kill point below
     for n in range(1, saves):
         out = tmp_path / f"killed-{n}"
-
-        def kill(count: int, n: int = n) -> None:
-            if count == n:
-                raise Killed
-
-        monkeypatch.setattr(run_module, "_saves", 0)
-        monkeypatch.setattr(run_module, "fault_hook", kill)
-        with pytest.raises(Killed):
-            go(out)
-        monkeypatch.setattr(run_module, "fault_hook", None)
+        kill_after_state_write(monkeypatch, n, lambda: go(out))
         assert not (out / "result.json").exists()
         assert go(out) == reference, f"killed after state write {n}"
         assert (out / "per_image.csv").read_bytes() == (tmp_path / "reference" / "per_image.csv").read_bytes()

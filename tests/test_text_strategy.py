@@ -17,12 +17,12 @@ import pytest
 pytest.importorskip("transformers")
 
 # the tiny checkpoints of the backend tests, reused (not copied): imported fixtures register under these names
+from conftest import count_state_writes, kill_after_state_write  # noqa: E402
 from test_clipseg_backend import checkpoint as clipseg_checkpoint  # noqa: E402,F401
 from test_clipseg_backend import make_sample  # noqa: E402
 from test_grounded_sam_backend import root as grounded_sam_root  # noqa: E402,F401
 from typer.testing import CliRunner  # noqa: E402
 
-from promptopt import run as run_module  # noqa: E402
 from promptopt.artifacts import load_prompt, read_json  # noqa: E402
 from promptopt.backends import BackendSpec, create_backend  # noqa: E402
 from promptopt.backends.base import TextPrompt, backend_class  # noqa: E402
@@ -354,28 +354,15 @@ def test_a_category_name_the_backend_refuses_is_skipped_with_the_reason(grounded
     assert sel.summary()["skipped_baselines"] == sel.skipped_baselines_
 
 
-class Killed(BaseException):
-    """Stands for SIGKILL: nothing in promptopt catches it."""
-
-
 def test_killed_at_every_state_write_then_rerun_equals_uninterrupted(clipseg_checkpoint, dog_task, tmp_path,
                                                                      monkeypatch):
-    saves: list[int] = []
-    monkeypatch.setattr(run_module, "_saves", 0)
-    monkeypatch.setattr(run_module, "fault_hook", saves.append)
-    reference = _select(dog_task, clipseg_checkpoint, tmp_path / "reference")
-    assert len(saves) == 4  # one checkpoint per candidate scored, then the finish
-    for n in range(1, len(saves)):
-        def kill(count: int, n: int = n) -> None:
-            if count == n:
-                raise Killed
-
-        monkeypatch.setattr(run_module, "_saves", 0)
-        monkeypatch.setattr(run_module, "fault_hook", kill)
-        with pytest.raises(Killed):
-            _select(dog_task, clipseg_checkpoint, tmp_path / f"killed-{n}")
-        monkeypatch.setattr(run_module, "fault_hook", None)
-        assert _select(dog_task, clipseg_checkpoint, tmp_path / f"killed-{n}") == reference, f"killed after write {n}"
+    saves, reference = count_state_writes(monkeypatch, lambda: _select(dog_task, clipseg_checkpoint,
+                                                                       tmp_path / "reference"))
+    assert saves == 4  # one checkpoint per candidate scored, then the finish
+    for n in range(1, saves):
+        out = tmp_path / f"killed-{n}"
+        kill_after_state_write(monkeypatch, n, lambda: _select(dog_task, clipseg_checkpoint, out))
+        assert _select(dog_task, clipseg_checkpoint, out) == reference, f"killed after write {n}"
 
 
 def test_resumed_fit_reads_finished_scores_back_instead_of_scoring(clipseg, dog_task):

@@ -90,6 +90,10 @@ def test_select_predict_roundtrip(sample_root, tmp_path):
         assert (out / f).is_file(), f
     report = (out / "report.md").read_text()
     assert "![" in report and "foreground IoU" in report and "Worst test images" in report
+    # the random baseline's row pairs like with like: val and test are both means over its seeds, with the test std
+    rnd = res["baselines"]["random"]
+    assert (f"| random | {len(rnd['selected'])} | {rnd['extra']['val']['mean']:.3f} | {rnd['extra']['test']['mean']:.3f} "
+            f"| {rnd['extra']['test']['std']:.3f} |") in report
     # predict with the saved prompt, from its own copies of the prompt files
     images = tmp_path / "new"
     images.mkdir()

@@ -254,8 +254,11 @@ class ContextTuner(PromptStrategy):
         if not isinstance(init, str) and not list(init):
             raise ConfigError("tuning: init holds no examples (give samples, 'best-single' or 'noise')")
         if not oracle.backend.differentiable:
+            from ..backends import available_backends, backend_class
+
+            able = [n for n in available_backends() if getattr(backend_class(n), "differentiable", False)]
             raise ConfigError(f"tuning: backend {oracle.backend.name!r} is not differentiable in its prompt; "
-                              "context tuning applies to seggpt and features")
+                              f"context tuning applies to {', '.join(able)}")
         self.init = init if isinstance(init, str) else list(init)
         self.steps, self.lr, self.batch_size, self.warmup = int(steps), float(lr), int(batch_size), int(warmup)
         self.tune, self.per_class = tune, bool(per_class)

@@ -212,15 +212,9 @@ def test_cv_oracle_runs_tiny_seggpt_and_counts_model_rows(tmp_path):
     """SegGPT's feature ensemble (model-combining) under a cross-validated oracle: the rows the model computes
     equal the oracle's forwards, sets never run on their own prompts, and grouped sets equal sets scored alone."""
     pytest.importorskip("transformers")
-    from transformers import SegGptForImageSegmentation
+    from promptopt.backends.seggpt import SegGPTBackend, save_random_model
 
-    from promptopt.backends.seggpt import SegGPTBackend, tiny_config
-
-    torch.manual_seed(0)
-    model = SegGptForImageSegmentation(tiny_config())
-    with torch.no_grad():
-        model.decoder.decoder_pred.head.weight.normal_(0.0, 1.5)
-    model.save_pretrained(tmp_path / "seggpt")
+    save_random_model(tmp_path / "seggpt")
     be = SegGPTBackend.from_pretrained(tmp_path / "seggpt")
     assert be.combines == "model"
     rows = []

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import SegGptForImageSegmentation, SegGptImageProcessor  # noqa: E402
+from transformers import SegGptImageProcessor  # noqa: E402
 from transformers.models.seggpt.image_processing_seggpt import build_palette  # noqa: E402
 
 from promptopt.backends import backend_from_config, create_backend  # noqa: E402
 from promptopt.backends.base import Context  # noqa: E402
-from promptopt.backends.seggpt import SegGPTBackend, seggpt_palette, tiny_config  # noqa: E402
+from promptopt.backends.seggpt import SegGPTBackend, seggpt_palette, save_random_model  # noqa: E402
 from promptopt.data import Sample, load_dataset, split_samples  # noqa: E402
 from promptopt.errors import CheckpointError, ConfigError  # noqa: E402
 from promptopt.oracle import ValidationOracle  # noqa: E402
@@ -33,14 +33,7 @@ SIZE = 32  # per-image input size of tiny_config()
 def checkpoint(tmp_path_factory):
     """A tiny random SegGPT saved as a transformers folder; the decoder head is scaled up so that the
     predicted colours spread over the palette (a plain random init paints everything near black)."""
-    torch.manual_seed(0)
-    model = SegGptForImageSegmentation(tiny_config())
-    with torch.no_grad():
-        model.decoder.decoder_pred.head.weight.normal_(0.0, 1.5)
-        model.decoder.decoder_pred.head.bias.fill_(0.5)
-    path = tmp_path_factory.mktemp("seggpt-tiny")
-    model.save_pretrained(path)
-    return path
+    return save_random_model(tmp_path_factory.mktemp("seggpt-tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from transformers import SegGptForImageSegmentation  # noqa: E402
 from promptopt.backends.base import Context  # noqa: E402
 from promptopt.backends.seggpt import SegGPTBackend, tiny_config  # noqa: E402
 from promptopt.backends.seggpt_encoder import (  # noqa: E402
-    SegGptRunner, eager_attention, ensemble_plan, ensemble_query_half, sdpa_attention)
+    SegGptRunner, ensemble_plan, ensemble_query_half, sdpa_attention)
 from promptopt.data import Sample  # noqa: E402
 from test_seggpt_official import painter_pred  # noqa: E402
 

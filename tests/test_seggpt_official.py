@@ -19,7 +19,7 @@ from PIL import Image
 transformers = pytest.importorskip("transformers")
 from transformers import SegGptForImageSegmentation  # noqa: E402
 
-from promptopt.backends.seggpt import SegGPTBackend, tiny_config  # noqa: E402
+from promptopt.backends.seggpt import SegGPTBackend, save_random_model  # noqa: E402
 from promptopt.backends.seggpt_codec import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from promptopt.data import bundled_sample_root, load_dataset  # noqa: E402
 
@@ -102,14 +102,7 @@ def painter_mask(model, prompts, query) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = SegGptForImageSegmentation(tiny_config())
-    with torch.no_grad():  # spread the painted colours (a plain init paints near black), so masks are not trivial
-        model.decoder.decoder_pred.head.weight.normal_(0.0, 1.5)
-        model.decoder.decoder_pred.head.bias.fill_(0.5)
-    path = tmp_path_factory.mktemp("seggpt-tiny-official")
-    model.save_pretrained(path)
-    return path
+    return save_random_model(tmp_path_factory.mktemp("seggpt-tiny-official"))
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])

@@ -15,13 +15,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 from transformers import SegGptForImageSegmentation, SegGptImageProcessor  # noqa: E402
 
 from promptopt.backends.base import Context, one_hot_mask  # noqa: E402
-from promptopt.backends.seggpt import SegGPTBackend, tiny_config  # noqa: E402
+from promptopt.backends.seggpt import SegGPTBackend, save_random_model  # noqa: E402
 from promptopt.backends.seggpt_codec import IMAGENET_MEAN, IMAGENET_STD, SegGptCodec  # noqa: E402
 from promptopt.data import bundled_sample_root, load_dataset  # noqa: E402
 from promptopt.oracle import ValidationOracle  # noqa: E402
@@ -41,14 +40,7 @@ def frames():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = SegGptForImageSegmentation(tiny_config())
-    with torch.no_grad():  # spread the painted colours over the palette (a plain init paints near black)
-        model.decoder.decoder_pred.head.weight.normal_(0.0, 1.5)
-        model.decoder.decoder_pred.head.bias.fill_(0.5)
-    path = tmp_path_factory.mktemp("seggpt-tiny-ref")
-    model.save_pretrained(path)
-    return path
+    return save_random_model(tmp_path_factory.mktemp("seggpt-tiny-ref"))
 
 
 # --- preprocessing -------------------------------------------------------------------------------------

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import SegGptForImageSegmentation  # noqa: E402
 
 from promptopt.backends.base import Backend  # noqa: E402
-from promptopt.backends.seggpt import SegGPTBackend, tiny_config  # noqa: E402
+from promptopt.backends.seggpt import SegGPTBackend, save_random_model  # noqa: E402
 from promptopt.data import bundled_sample_root, load_dataset, split_samples  # noqa: E402
 from promptopt.errors import ConfigError  # noqa: E402
 from promptopt.oracle import ValidationOracle  # noqa: E402
@@ -24,14 +23,7 @@ from promptopt.strategies import ForwardSelector  # noqa: E402
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = SegGptForImageSegmentation(tiny_config())
-    with torch.no_grad():  # spread the painted colours over the palette, so scores vary between prompt sets
-        model.decoder.decoder_pred.head.weight.normal_(0.0, 1.5)
-        model.decoder.decoder_pred.head.bias.fill_(0.5)
-    path = tmp_path_factory.mktemp("seggpt-tiny-sets")
-    model.save_pretrained(path)
-    return path
+    return save_random_model(tmp_path_factory.mktemp("seggpt-tiny-sets"))
 
 
 @pytest.fixture(scope="module")

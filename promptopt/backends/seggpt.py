@@ -587,4 +587,19 @@ def tiny_config(**overrides: Any):
     return SegGptConfig(**kw)
 
 
-__all__ = ["SegGPTBackend", "seggpt_palette", "tiny_config"]
+def save_random_model(path: str | Path, config: Any = None, seed: int = 0) -> Path:
+    """A random-init ``SegGptForImageSegmentation`` (default :func:`tiny_config`) saved with ``save_pretrained``,
+    for tests and benchmarks. Its painting head is widened (weights N(0, 1.5), bias 0.5): a plain random init paints
+    every pixel near black, so every mask would be empty and every prompt set would score alike."""
+    from transformers import SegGptForImageSegmentation
+
+    torch.manual_seed(seed)
+    model = SegGptForImageSegmentation(config if config is not None else tiny_config())
+    with torch.no_grad():
+        model.decoder.decoder_pred.head.weight.normal_(0.0, 1.5)
+        model.decoder.decoder_pred.head.bias.fill_(0.5)
+    model.save_pretrained(path)
+    return Path(path)
+
+
+__all__ = ["SegGPTBackend", "save_random_model", "seggpt_palette", "tiny_config"]

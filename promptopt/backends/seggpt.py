@@ -291,17 +291,9 @@ class SegGPTBackend(Backend):
         }
 
     # --- preprocessing (see .seggpt_codec) ---------------------------------------------------------
-    def preprocess_image(self, image: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) RGB in [0, 1] → (3, h, w) normalised model input (float path if it requires grad, else uint8)."""
-        return self.codec.image(image)
-
     def mask_to_rgb(self, mask: torch.Tensor) -> torch.Tensor:
         """(C, H, W) class probabilities → (3, H, W) palette colour in [0, 1] (one-hot: the class colour)."""
         return self.codec.mask_to_rgb(mask)
-
-    def preprocess_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """(C, H, W) class probabilities → (3, h, w) normalised palette image (float path if it requires grad)."""
-        return self.codec.mask(mask)
 
     def query_input(self, query: Sample) -> torch.Tensor:
         """Normalised model input of a query image (uint8 path of the reference; cached by sample key)."""

@@ -23,6 +23,7 @@ an interrupted run leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -31,7 +32,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -122,14 +123,29 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
 
 
+def atomic_write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """A CSV file (header, then rows), atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def png_bytes(image: Image.Image | np.ndarray) -> bytes:
+    """A PIL image, or a uint8 array (H, W) grey / (H, W, 3) RGB, as the bytes of a PNG file."""
+    buf = io.BytesIO()
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def save_png_mask(path: str | Path, mask: np.ndarray) -> Path:
     """Class-id mask → single-channel PNG (values are class ids, 255 = ignore), atomically."""
     mask = np.asarray(mask)
     if mask.min(initial=0) < 0 or mask.max(initial=0) > 255:
         raise ValueError("PNG masks hold class ids 0..255")
-    buf = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8), mode="L").save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, png_bytes(mask.astype(np.uint8)))
 
 
 def fingerprint(obj: Any) -> str:
@@ -225,14 +241,8 @@ def save_prompt(
     examples = []
     for s in prompts:
         stem = s.id
-        if s.path is not None:
-            img_rel = f"prompts/{stem}{s.path.suffix.lower()}"
-            atomic_write_bytes(run_dir / img_rel, Path(s.path).read_bytes())
-        else:
-            img_rel = f"prompts/{stem}.png"
-            buf = io.BytesIO()
-            Image.fromarray(s.image).save(buf, format="PNG")
-            atomic_write_bytes(run_dir / img_rel, buf.getvalue())
+        img_rel = f"prompts/{stem}{s.path.suffix.lower() if s.path is not None else '.png'}"
+        atomic_write_bytes(run_dir / img_rel, Path(s.path).read_bytes() if s.path is not None else png_bytes(s.image))
         mask_rel = f"prompts/{stem}_mask.png"
         save_png_mask(run_dir / mask_rel, s.mask)
         examples.append({"id": s.id, "image": img_rel, "mask": mask_rel,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib
 
@@ -114,35 +114,44 @@ def plot_strategy_scores(rows: Sequence[dict[str, Any]], path: Path, title: str 
     return save_figure(fig, path)
 
 
+def _panels(rows: Sequence[Sequence[tuple[np.ndarray, str]]], path: Path, title: str = "", fontsize: int = 9) -> Path:
+    """A grid of titled images (one list per row, axes off), saved as a PNG."""
+    nrows, ncols = max(1, len(rows)), max([1, *(len(r) for r in rows)])
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.3 * nrows), squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        for ax, (image, caption) in zip(ax_row, row):
+            ax.imshow(image)
+            ax.set_title(caption, fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=fontsize)
+    return save_figure(fig, path)
+
+
 def plot_prompts(samples: Sequence[Sample], path: Path, title: str = "Chosen prompts", max_items: int = 8) -> Path:
     """The prompt images with their masks overlaid."""
-    items = list(samples)[:max_items]
-    n = max(1, len(items))
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.2), squeeze=False)
-    for ax, s in zip(axes[0], items):
-        ax.imshow(mask_overlay(s.image, s.mask))
-        ax.set_title(s.id, fontsize=8)
-    for ax in axes[0]:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    return save_figure(fig, path)
+    return _panels([[(mask_overlay(s.image, s.mask), s.id) for s in list(samples)[:max_items]]], path, title)
 
 
 def plot_predictions(samples: Sequence[Sample], labels: Sequence[np.ndarray], path: Path,
                      ious: Sequence[float] | None = None, title: str = "Predictions on test images",
                      max_items: int = 6) -> Path:
     """Error overlays (green TP, red FP, blue FN) of predictions on labelled images."""
-    items = list(zip(samples, labels))[:max_items]
-    n = max(1, len(items))
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.2), squeeze=False)
-    for i, (ax, (s, lab)) in enumerate(zip(axes[0], items)):
-        ax.imshow(error_overlay(s.image, np.asarray(lab), s.mask))
-        t = s.id if ious is None else f"{s.id}  IoU {ious[i]:.2f}"
-        ax.set_title(t, fontsize=8)
-    for ax in axes[0]:
-        ax.axis("off")
-    fig.suptitle(title + "  (green: correct, red: false positive, blue: missed)", fontsize=8)
-    return save_figure(fig, path)
+    panels = [(error_overlay(s.image, np.asarray(lab), s.mask), s.id if ious is None else f"{s.id}  IoU {ious[i]:.2f}")
+              for i, (s, lab) in enumerate(list(zip(samples, labels))[:max_items])]
+    return _panels([panels], path, title + "  (green: correct, red: false positive, blue: missed)", fontsize=8)
+
+
+def plot_worst(samples: Sequence[Sample], per_image: Mapping[str, float | None],
+               predict: Callable[[list[Sample]], Sequence[np.ndarray]], path: Path, n: int = 6) -> Path:
+    """Error overlays of the ``n`` images with the lowest IoU (unscored ones first), ``predict`` labelling them."""
+    def iou(s: Sample) -> float:
+        value = per_image.get(s.id)
+        return math.nan if value is None else float(value)
+
+    worst = sorted(samples, key=lambda s: -1.0 if math.isnan(iou(s)) else iou(s))[:n]
+    return plot_predictions(worst, predict(worst), path, [iou(s) for s in worst])
 
 
 def plot_curves(curves: dict[str, Sequence[float]], path: Path, xlabel: str, ylabel: str, title: str) -> Path:
@@ -159,26 +168,8 @@ def plot_curves(curves: dict[str, Sequence[float]], path: Path, xlabel: str, yla
     return save_figure(fig, path)
 
 
-def save_image(path: Path, image: np.ndarray) -> Path:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-
-
 def plot_contexts(start: Sequence[Sample], tuned: Sequence[Sample], path: Path, max_items: int = 6) -> Path:
     """Per learned context: start and tuned image with mask overlay, and the tuned image alone."""
-    n = max(1, min(len(tuned), max_items))
-    fig, axes = plt.subplots(n, 3, figsize=(8.0, 2.5 * n), squeeze=False)
-    for i in range(n):
-        s0, s1 = start[i], tuned[i]
-        for ax, img, title in ((axes[i][0], mask_overlay(s0.image, s0.mask), f"{s0.id} (mask overlaid)"),
-                               (axes[i][1], mask_overlay(s1.image, s1.mask), f"{s1.id} (mask overlaid)"),
-                               (axes[i][2], s1.image, f"{s1.id} image")):
-            ax.imshow(img)
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
-    return save_figure(fig, path)
+    return _panels([[(mask_overlay(s0.image, s0.mask), f"{s0.id} (mask overlaid)"),
+                     (mask_overlay(s1.image, s1.mask), f"{s1.id} (mask overlaid)"), (s1.image, f"{s1.id} image")]
+                    for s0, s1 in list(zip(start, tuned))[:max_items]], path)

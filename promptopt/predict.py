@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .artifacts import PromptArtifact, load_prompt
+from .artifacts import PromptArtifact, atomic_write_bytes, atomic_write_csv, load_prompt, png_bytes
 from .backends.base import Backend, Prompt, TextPrompt
 from .data import Sample, image_samples
 from .errors import DataError
@@ -85,22 +85,17 @@ def mask_names(queries: Sequence[Sample]) -> list[str]:
 def label_png(labels: np.ndarray, num_classes: int, palette: Sequence[int] | None = None) -> bytes:
     """The PNG people can look at: binary 0/255 grey; several classes as a palette PNG (the dataset's
     palette when the prompt recorded one, else SegGPT's class colours) whose pixel values are the class ids."""
-    import io
-
     from PIL import Image
 
-    buf = io.BytesIO()
     if num_classes == 2:
-        Image.fromarray(labels.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
-        return buf.getvalue()
+        return png_bytes(labels.astype(np.uint8) * 255)
     im = Image.fromarray(labels.astype(np.uint8), mode="P")
     if palette is None:
         from .backends.seggpt import seggpt_palette
 
         palette = [int(v) for v in seggpt_palette(num_classes).flatten().tolist()]
     im.putpalette(list(palette) + [0] * (768 - len(palette)))
-    im.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(im)
 
 
 def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | Path, *,
@@ -114,10 +109,6 @@ def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | P
     image shares, which no mask names unambiguously), and with ``overlays`` a
     ``overlays/`` folder of images with the prediction drawn over them.
     """
-    import csv
-    import io
-
-    from .artifacts import atomic_write_bytes, atomic_write_text
     from .data import read_mask
     from .metrics import IoUAccumulator
 
@@ -139,9 +130,9 @@ def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | P
         (labels,), (used,) = predict_with_prompts(art, [q], backend)
         written.append(atomic_write_bytes(out / name, label_png(labels, art.num_classes, palette)))
         if overlays:
-            from .plots import mask_overlay, save_image
+            from .plots import mask_overlay
 
-            save_image(out / "overlays" / name, mask_overlay(q.image, labels))
+            atomic_write_bytes(out / "overlays" / name, png_bytes(mask_overlay(q.image, labels)))
         iou = None
         unique = name == f"{Path(q.id).stem}.png"  # a stem two images share matches no ground truth unambiguously
         truth_path = truth_dir / f"{Path(q.id).stem}.png" if truth_dir is not None and unique else None
@@ -154,11 +145,7 @@ def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | P
                          "" if iou is None or iou != iou else f"{iou:.6f}"])
     if progress:
         progress("images", len(queries), len(queries))
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["image", "mask", "class", "area", "prompts", "iou"])
-    writer.writerows(rows)
-    atomic_write_text(out / "predictions.csv", buf.getvalue())
+    atomic_write_csv(out / "predictions.csv", ["image", "mask", "class", "area", "prompts", "iou"], rows)
     return written
 
 

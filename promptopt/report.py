@@ -1,20 +1,23 @@
-"""Reports a person can read: Markdown plus a self-contained HTML page.
+"""Reports a person can read: what a run, a search or several categories found, as Markdown plus a
+self-contained HTML page.
 
 Figures (:mod:`promptopt.plots`) are PNG files beside the report: Markdown links
 them, the HTML version embeds them as base64, so it opens anywhere without the
-toolkit.
+toolkit. Nothing here computes a score: callers pass ``result.json`` documents.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import math
-import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from .artifacts import atomic_write_text
+import numpy as np
+from markdown_it import MarkdownIt
+
+from .artifacts import atomic_write_json, atomic_write_text
+from .memory import format_bytes
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -32,66 +35,23 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _md_to_html(md: str, base: Path) -> str:
-    """A small Markdown → HTML converter for the subset our reports use (headings, tables,
-    lists, images, code, paragraphs), embedding images as base64 so the page stands alone."""
-    out, in_table, in_list, in_code = [], False, False, False
+    """The report as one HTML page (CommonMark with tables, rendered by markdown-it-py), its figures — PNG files
+    in ``base`` — embedded as base64 so the page opens anywhere on its own."""
+    renderer = MarkdownIt("commonmark", {"html": False}).enable("table")
 
-    def inline(text: str) -> str:
-        text = html.escape(text)
-        text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-        text = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
-        return text
+    def image(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
+        src = base / str(tokens[idx].attrGet("src"))
+        if src.is_file():
+            tokens[idx].attrSet("src", "data:image/png;base64," + base64.b64encode(src.read_bytes()).decode())
+            tokens[idx].attrSet("style", "max-width:100%")
+        return self.image(tokens, idx, options, env)
 
-    for line in md.splitlines():
-        if line.startswith("```"):
-            out.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
-            continue
-        if in_code:
-            out.append(html.escape(line))
-            continue
-        if in_table and not line.startswith("|"):
-            out.append("</table>")
-            in_table = False
-        if in_list and not line.startswith("- "):
-            out.append("</ul>")
-            in_list = False
-        img = re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)", line.strip())
-        if img:
-            p = base / img.group(2)
-            if p.is_file():
-                data = base64.b64encode(p.read_bytes()).decode()
-                out.append(f'<p><img alt="{html.escape(img.group(1))}" src="data:image/png;base64,{data}" '
-                           'style="max-width:100%"></p>')
-            continue
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if all(re.fullmatch(r":?-+:?", c) for c in cells):
-                continue
-            tag = "th" if not in_table else "td"
-            if not in_table:
-                out.append('<table border="1" cellspacing="0" cellpadding="4">')
-                in_table = True
-            out.append("<tr>" + "".join(f"<{tag}>{inline(c)}</{tag}>" for c in cells) + "</tr>")
-        elif line.startswith("- "):
-            if not in_list:
-                out.append("<ul>")
-                in_list = True
-            out.append(f"<li>{inline(line[2:])}</li>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-    if in_table:
-        out.append("</table>")
-    if in_list:
-        out.append("</ul>")
-    body = "\n".join(out)
+    renderer.add_render_rule("image", image)
     return ("<!doctype html><html><head><meta charset='utf-8'><title>promptopt report</title>"
             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
-            "table{border-collapse:collapse;font-size:0.9em}code,pre{background:#f4f4f4}</style></head><body>\n"
-            f"{body}\n</body></html>\n")
+            "table{border-collapse:collapse;font-size:0.9em}th,td{border:1px solid #999;padding:4px}"
+            "code,pre{background:#f4f4f4}</style></head><body>\n"
+            f"{renderer.render(md)}</body></html>\n")
 
 
 def figures_and_command(figs: Sequence[tuple[str, str]], command: str | None) -> list[str]:
@@ -110,3 +70,118 @@ def write_report(run_dir: str | Path, markdown: str, name: str = "report") -> tu
     md_path = atomic_write_text(run_dir / f"{name}.md", markdown)
     html_path = atomic_write_text(run_dir / f"{name}.html", _md_to_html(markdown, run_dir))
     return md_path, html_path
+
+
+def metric_definition(num_classes: int) -> str:
+    """What "mIoU" means in a report: foreground IoU for binary tasks (the few-shot convention)."""
+    if num_classes == 2:
+        return ("binary task: mIoU is the foreground IoU (the few-shot segmentation convention); "
+                "FB-IoU (mean of foreground and background IoU) is reported beside it")
+    return f"{num_classes} classes: mIoU is the mean IoU over classes (background included)"
+
+
+def selection_line(selection: Mapping[str, Any]) -> str:
+    """The report's sentence on the oracle mode and the acceptance rule."""
+    what = {"holdout": "holdout — every prompt set scored on the validation split",
+            "cv": "cross-validated — every prompt set scored on all labelled pool and validation images except "
+                  "its own prompts, compared with another set on the images both were scored on"}[selection["oracle"]]
+    line = f"- Selection oracle: {what}"
+    rule = selection.get("rule")
+    if rule == "none":
+        line += "; acceptance rule: none (any positive gain is kept)"
+    elif rule == "se":
+        line += (f"; acceptance rule: se — a step counts only if its paired gain exceeds {selection['noise_z']:g} "
+                 "standard error(s) of the per-image IoU differences")
+    elif rule == "bootstrap":
+        line += (f"; acceptance rule: bootstrap — a step counts only if the lower end of a seeded one-sided paired "
+                 f"bootstrap interval (z = {selection['noise_z']:g}) of its gain is above zero")
+    return line
+
+
+def reported(entry: Mapping[str, Any], split: str) -> float | None:
+    """A strategy's mIoU on ``split`` as reports show it: the mean over its seeds when it has seeds."""
+    return entry.get("extra", {}).get(split, {}).get("mean", entry[f"{split}_miou"])
+
+
+def strategy_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Report rows: this run, then its baselines (a strategy with seeds shows the mean ± std over them)."""
+    return [{"name": name, "val_miou": reported(e, "val"), "test_miou": reported(e, "test"),
+             "test_std": e.get("extra", {}).get("test", {}).get("std"), "k": len(e["selected"])}
+            for name, e in [(result["strategy"] + " (this run)", result), *result["baselines"].items()]]
+
+
+def write_strategy_report(folder: Path, result: Mapping[str, Any], figs: Sequence[tuple[str, str]],
+                          cost: Mapping[str, Any]) -> Path:
+    """report.md / report.html of a strategy run (figures already written beside them)."""
+    split = result["split"]
+    mem = result["memory"]
+    s = result["summary"]
+    sel = ", ".join(result["selected"]) or "(learned context)"
+    md = [
+        f"# promptopt report — {result['category']} ({result['strategy']})",
+        "",
+        f"- Data: `{result['data_root']}`, category `{result['category']}`, {result['num_classes']} classes",
+        f"- Split (seed {result['split_seed']}): pool {len(split['pool'])}, val {len(split['val'])}, "
+        f"test {len(split['test'])}",
+        f"- Backend: `{result['backend']}` {result['backend_config'].get('checkpoint') or ''}",
+        f"- Options: {', '.join(f'{k}={v}' for k, v in sorted(result['options'].items())) or 'defaults'}",
+        f"- Selected ({len(result['selected'])}): {sel}",
+        f"- {'Cross-validated' if (result.get('selection') or {}).get('oracle') == 'cv' else 'Val'} mIoU "
+        f"(optimised): **{fmt(result['val_miou'])}**; test mIoU (held out — trust this one): "
+        f"**{fmt(result['test_miou'])}** (FB-IoU {fmt(result.get('test_fb_iou'))})",
+        f"- Metric: {result['metric']}",
+        selection_line(result.get("selection") or {"oracle": "holdout"}),
+        f"- Oracle: {result['evaluations']} prompt-set evaluations by the strategy; this session "
+        f"{cost['oracle']['val']['forwards']} model forwards on val; wall time {cost['wall_s_session']:.1f} s",
+        f"- Memory: the strategy compared an estimated peak of {format_bytes(mem['estimated_peak_bytes'])} "
+        f"({mem['estimate_kind']}) with the budget {format_bytes(mem['budget_bytes'])}",
+    ]
+    if s.get("stop_reason"):
+        why = {"pool_exhausted": "the prompt pool has fewer examples than allowed"}.get(s["stop_reason"], s["stop_reason"])
+        md.append(f"- Stopped because: {why}")
+    if result["extra"]["val"]:
+        md.append("- Also scored: " + "; ".join(
+            f"{k} val {fmt(v)} / test {fmt(result['extra']['test'].get(k))}" for k, v in result["extra"]["val"].items()))
+    rows = strategy_rows(result)
+    md += ["", "## Strategies compared", "",
+           markdown_table(["strategy", "prompts", "val mIoU", "test mIoU", "test std"],
+                          [[r["name"], r["k"], r["val_miou"], r["test_miou"], r["test_std"]] for r in rows]), ""]
+    per = result.get("test_per_image_iou") or {}
+    if per:
+        worst = sorted(per.items(), key=lambda kv: kv[1] if kv[1] is not None else -1.0)[:5]
+        md += ["## Worst test images", "", markdown_table(["image", "IoU"], worst), "",
+               "Every image's IoU is in `per_image.csv`.", ""]
+    md += figures_and_command(figs, result.get("command"))
+    write_report(folder, "\n".join(md))
+    return folder / "report.md"
+
+
+def one_line(result: Mapping[str, Any]) -> str:
+    """A result in one line (what the CLI prints per category)."""
+    what = result.get("strategy")
+    if result.get("kind") == "search":
+        what = f"best trial {result['best_trial']} of {result['trials']['total']} ({what})"
+    line = (f"{result['category']}: {what} val mIoU {fmt(result['val_miou'], 4)}  "
+            f"test mIoU {fmt(result.get('test_miou'), 4)}")
+    if result.get("selected") is not None:
+        shown, more = result["selected"][:8], len(result["selected"]) - 8
+        line += f"  ({len(result['selected'])} prompt(s): {', '.join(shown)}{f', … {more} more' if more > 0 else ''})"
+    stop = (result.get("summary") or {}).get("stop_reason")
+    if stop == "pool_exhausted":
+        line += "  [stopped: the pool has fewer examples than --max-prompts]"
+    return line
+
+
+def write_summary(out: Path, results: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Table over categories (optimised separately): summary.json and summary.md."""
+    names = sorted({n for r in results.values() for n in r.get("baselines", {})})
+    header = ["category", "prompts", "val mIoU", "test mIoU"] + [f"{n} test" for n in names]
+    rows = [[cat, len(r.get("selected") or []), r["val_miou"], r["test_miou"]]
+            + [reported(r["baselines"][n], "test") if n in r.get("baselines", {}) else None for n in names]
+            for cat, r in results.items()]
+    mean = ["**mean**", ""] + [float(np.nanmean([np.nan if r[j] is None else r[j] for r in rows]))
+                               for j in range(2, len(header))]
+    md = "# promptopt summary\n\n" + markdown_table(header, rows + [mean]) + "\n"
+    atomic_write_json(out / "summary.json", {"categories": dict(results)})
+    write_report(out, md, name="summary")
+    return out / "summary.md"

@@ -32,7 +32,6 @@ categories and writes a summary. ``promptopt search`` uses the same Run.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import inspect
 import io
@@ -44,17 +43,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 
-from .artifacts import (atomic_write_bytes, atomic_write_json, atomic_write_text, fingerprint, jsonable, load_prompt,
+from .artifacts import (atomic_write_bytes, atomic_write_csv, atomic_write_json, fingerprint, jsonable, load_prompt,
                         read_json)
 from .backends.base import Backend, BackendSpec
 from .data import Sample
 from .errors import ConfigError
-from .memory import format_bytes, out_of_memory_as_budget_error, parse_bytes
+from .memory import out_of_memory_as_budget_error, parse_bytes
 from .oracle import ValidationOracle, prediction_to_labels
-from .report import figures_and_command, fmt, markdown_table, write_report
+from .report import metric_definition, one_line, strategy_rows, write_strategy_report, write_summary
 from .strategies.acceptance import make_rule
 from .strategies.base import ProgressFn, PromptStrategy
 from .strategies.registry import make_strategy, strategy_class
@@ -407,119 +405,30 @@ def selection_settings(strategy: str, options: Mapping[str, Any], oracle: str) -
     return out
 
 
-def selection_line(selection: Mapping[str, Any]) -> str:
-    """The report's sentence on the oracle mode and the acceptance rule."""
-    what = {"holdout": "holdout — every prompt set scored on the validation split",
-            "cv": "cross-validated — every prompt set scored on all labelled pool and validation images except "
-                  "its own prompts, compared with another set on the images both were scored on"}[selection["oracle"]]
-    line = f"- Selection oracle: {what}"
-    rule = selection.get("rule")
-    if rule == "none":
-        line += "; acceptance rule: none (any positive gain is kept)"
-    elif rule == "se":
-        line += (f"; acceptance rule: se — a step counts only if its paired gain exceeds {selection['noise_z']:g} "
-                 "standard error(s) of the per-image IoU differences")
-    elif rule == "bootstrap":
-        line += (f"; acceptance rule: bootstrap — a step counts only if the lower end of a seeded one-sided paired "
-                 f"bootstrap interval (z = {selection['noise_z']:g}) of its gain is above zero")
-    return line
-
-
-def metric_definition(num_classes: int) -> str:
-    """What "mIoU" means in a report: foreground IoU for binary tasks (the few-shot convention)."""
-    if num_classes == 2:
-        return ("binary task: mIoU is the foreground IoU (the few-shot segmentation convention); "
-                "FB-IoU (mean of foreground and background IoU) is reported beside it")
-    return f"{num_classes} classes: mIoU is the mean IoU over classes (background included)"
-
-
 def write_per_image_csv(path: Path, parts: Mapping[str, Mapping[str, float | None]]) -> Path:
     """``split,image,iou`` rows (IoU of each image under the run's prompt), atomically."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["split", "image", "iou"])
-    for split, per in parts.items():
-        for image, iou in per.items():
-            w.writerow([split, image, "" if iou is None or iou != iou else f"{iou:.6f}"])
-    return atomic_write_text(path, buf.getvalue())
-
-
-def _rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Report rows: this run, then its baselines (a strategy with seeds shows the mean ± std over them)."""
-    rows = []
-    for name, e in [(result["strategy"] + " (this run)", result), *result["baselines"].items()]:
-        ev, et = e.get("extra", {}).get("val", {}), e.get("extra", {}).get("test", {})
-        rows.append({"name": name, "val_miou": ev.get("mean", e["val_miou"]),
-                     "test_miou": et.get("mean", e["test_miou"]), "test_std": et.get("std"),
-                     "k": len(e["selected"])})
-    return rows
+    return atomic_write_csv(path, ["split", "image", "iou"], (
+        [split, image, "" if iou is None or iou != iou else f"{iou:.6f}"]
+        for split, per in parts.items() for image, iou in per.items()))
 
 
 def strategy_figures(folder: Path, main: PromptStrategy, baselines: Mapping[str, Any], entry: Mapping[str, Any],
                      task: Task, test: ValidationOracle | None) -> list[tuple[str, str]]:
     """The report's figures: the strategy's own, strategies compared, prompts, test predictions (worst first)."""
-    from .plots import plot_predictions, plot_prompts, plot_strategy_scores
+    from .plots import plot_prompts, plot_strategy_scores, plot_worst
 
     figs = list(main.figures(folder))
-    rows = _rows({"strategy": main.name, **entry, "baselines": baselines})
+    rows = strategy_rows({"strategy": main.name, **entry, "baselines": baselines})
     figs.append(("Test mIoU of each strategy (mean ± std over seeds where a strategy has seeds)",
                  plot_strategy_scores(rows, folder / "strategies.png").name))
     if main.selected_:  # type: ignore[attr-defined]
         figs.append(("Chosen prompts with their masks", plot_prompts(main.selected_, folder / "prompts.png").name))  # type: ignore[attr-defined]
     if test is not None:
-        per = entry["test_per_image_iou"] or {}
-        worst = sorted(test.samples, key=lambda s: (per.get(s.id) if per.get(s.id) is not None else -1.0))[:6]
-        labels = [prediction_to_labels(p).cpu().numpy() for p in main.predict(worst)]
-        figs.append(("The worst test images under the chosen prompts (lowest IoU first)",
-                     plot_predictions(worst, labels, folder / "predictions.png",
-                                      [per.get(s.id, float("nan")) for s in worst]).name))
+        figs.append(("The worst test images under the chosen prompts (lowest IoU first)", plot_worst(
+            test.samples, entry["test_per_image_iou"] or {},
+            lambda worst: [prediction_to_labels(p).cpu().numpy() for p in main.predict(worst)],
+            folder / "predictions.png").name))
     return figs
-
-
-def write_strategy_report(folder: Path, result: Mapping[str, Any], figs: Sequence[tuple[str, str]],
-                          cost: Mapping[str, Any]) -> Path:
-    """report.md / report.html of a strategy run (figures already written beside them)."""
-    split = result["split"]
-    mem = result["memory"]
-    s = result["summary"]
-    sel = ", ".join(result["selected"]) or "(learned context)"
-    md = [
-        f"# promptopt report — {result['category']} ({result['strategy']})",
-        "",
-        f"- Data: `{result['data_root']}`, category `{result['category']}`, {result['num_classes']} classes",
-        f"- Split (seed {result['split_seed']}): pool {len(split['pool'])}, val {len(split['val'])}, "
-        f"test {len(split['test'])}",
-        f"- Backend: `{result['backend']}` {result['backend_config'].get('checkpoint') or ''}",
-        f"- Options: {', '.join(f'{k}={v}' for k, v in sorted(result['options'].items())) or 'defaults'}",
-        f"- Selected ({len(result['selected'])}): {sel}",
-        f"- {'Cross-validated' if (result.get('selection') or {}).get('oracle') == 'cv' else 'Val'} mIoU "
-        f"(optimised): **{fmt(result['val_miou'])}**; test mIoU (held out — trust this one): "
-        f"**{fmt(result['test_miou'])}** (FB-IoU {fmt(result.get('test_fb_iou'))})",
-        f"- Metric: {result['metric']}",
-        selection_line(result.get("selection") or {"oracle": "holdout"}),
-        f"- Oracle: {result['evaluations']} prompt-set evaluations by the strategy; this session "
-        f"{cost['oracle']['val']['forwards']} model forwards on val; wall time {cost['wall_s_session']:.1f} s",
-        f"- Memory: the strategy compared an estimated peak of {format_bytes(mem['estimated_peak_bytes'])} "
-        f"({mem['estimate_kind']}) with the budget {format_bytes(mem['budget_bytes'])}",
-    ]
-    if s.get("stop_reason"):
-        why = {"pool_exhausted": "the prompt pool has fewer examples than allowed"}.get(s["stop_reason"], s["stop_reason"])
-        md.append(f"- Stopped because: {why}")
-    if result["extra"]["val"]:
-        md.append("- Also scored: " + "; ".join(
-            f"{k} val {fmt(v)} / test {fmt(result['extra']['test'].get(k))}" for k, v in result["extra"]["val"].items()))
-    rows = _rows(result)
-    md += ["", "## Strategies compared", "",
-           markdown_table(["strategy", "prompts", "val mIoU", "test mIoU", "test std"],
-                          [[r["name"], r["k"], r["val_miou"], r["test_miou"], r["test_std"]] for r in rows]), ""]
-    per = result.get("test_per_image_iou") or {}
-    if per:
-        worst = sorted(per.items(), key=lambda kv: kv[1] if kv[1] is not None else -1.0)[:5]
-        md += ["## Worst test images", "", markdown_table(["image", "IoU"], worst), "",
-               "Every image's IoU is in `per_image.csv`.", ""]
-    md += figures_and_command(figs, result.get("command"))
-    write_report(folder, "\n".join(md))
-    return folder / "report.md"
 
 
 # --- context tuning's starting point -------------------------------------------------------------------
@@ -564,39 +473,4 @@ def run_categories(run_one: Callable[[str, Path], dict[str, Any]], categories: S
     return results
 
 
-def one_line(result: Mapping[str, Any]) -> str:
-    """A result in one line (what the CLI prints per category)."""
-    what = result.get("strategy")
-    if result.get("kind") == "search":
-        what = f"best trial {result['best_trial']} of {result['trials']['total']} ({what})"
-    line = (f"{result['category']}: {what} val mIoU {fmt(result['val_miou'], 4)}  "
-            f"test mIoU {fmt(result.get('test_miou'), 4)}")
-    if result.get("selected") is not None:
-        shown, more = result["selected"][:8], len(result["selected"]) - 8
-        line += f"  ({len(result['selected'])} prompt(s): {', '.join(shown)}{f', … {more} more' if more > 0 else ''})"
-    stop = (result.get("summary") or {}).get("stop_reason")
-    if stop == "pool_exhausted":
-        line += "  [stopped: the pool has fewer examples than --max-prompts]"
-    return line
-
-
-def write_summary(out: Path, results: Mapping[str, Mapping[str, Any]]) -> Path:
-    """Table over categories (optimised separately): summary.json and summary.md."""
-    names = sorted({n for r in results.values() for n in r.get("baselines", {})})
-    header = ["category", "prompts", "val mIoU", "test mIoU"] + [f"{n} test" for n in names]
-    rows = []
-    for cat, r in results.items():
-        base = r.get("baselines", {})
-        rows.append([cat, len(r.get("selected") or []), r["val_miou"], r["test_miou"]]
-                    + [base.get(n, {}).get("extra", {}).get("test", {}).get("mean", base.get(n, {}).get("test_miou"))
-                       for n in names])
-    mean = ["**mean**", ""] + [float(np.nanmean([np.nan if r[j] is None else r[j] for r in rows]))
-                               for j in range(2, len(header))]
-    md = "# promptopt summary\n\n" + markdown_table(header, rows + [mean]) + "\n"
-    atomic_write_json(out / "summary.json", {"categories": dict(results)})
-    write_report(out, md, name="summary")
-    return out / "summary.md"
-
-
-__all__ = ["Run", "RunCheckpoint", "run_strategy", "run_categories", "tuning_init", "spec_differences",
-           "metric_definition", "write_summary", "one_line"]
+__all__ = ["Run", "RunCheckpoint", "run_strategy", "run_categories", "tuning_init", "spec_differences"]

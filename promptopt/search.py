@@ -526,7 +526,7 @@ def write_search_report(out: Path, result: dict[str, Any], cost: dict[str, Any],
 
     import optuna.visualization.matplotlib as ovm
 
-    from .plots import plot_predictions, plot_prompts, save_figure
+    from .plots import plot_prompts, plot_worst, save_figure
     from .predict import predict_labels
     from .report import figures_and_command, fmt, markdown_table, write_report
 
@@ -551,11 +551,9 @@ def write_search_report(out: Path, result: dict[str, Any], cost: dict[str, Any],
     if prompts:
         figs.append(("Prompts of the best trial", plot_prompts(prompts, out / "prompts.png").name))
     if task.split.test:
-        per = result["test_per_image_iou"] or {}
-        worst = sorted(task.split.test, key=lambda s: per.get(s.id) if per.get(s.id) is not None else -1.0)[:6]
-        figs.append(("The worst test images under the best configuration (lowest IoU first)",
-                     plot_predictions(worst, predict_labels(art, worst), out / "predictions.png",
-                                      [per.get(s.id, float("nan")) for s in worst]).name))
+        figs.append(("The worst test images under the best configuration (lowest IoU first)", plot_worst(
+            task.split.test, result["test_per_image_iou"] or {}, lambda worst: predict_labels(art, worst),
+            out / "predictions.png").name))
     numbers = cost["trial_numbers"]
 
     def knobs(params: dict[str, Any]) -> str:

@@ -1,6 +1,8 @@
 """The promptopt command end to end on the bundled sample (through Typer's runner, in-process)."""
 
+import base64
 import json
+import re
 import shutil
 
 import numpy as np
@@ -90,6 +92,13 @@ def test_select_predict_roundtrip(sample_root, tmp_path):
         assert (out / f).is_file(), f
     report = (out / "report.md").read_text()
     assert "![" in report and "foreground IoU" in report and "Worst test images" in report
+    # report.html stands alone: Markdown rendered (tables, bold), every figure embedded as the PNG's own bytes
+    page = (out / "report.html").read_text()
+    assert "<table>" in page and "<strong>" in page and "**" not in page and "](" not in page
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(embedded) == len(figures) >= 4
+    assert [base64.b64decode(e) for e in embedded] == [(out / f).read_bytes() for f in figures]
     # the random baseline's row pairs like with like: val and test are both means over its seeds, with the test std
     rnd = res["baselines"]["random"]
     assert (f"| random | {len(rnd['selected'])} | {rnd['extra']['val']['mean']:.3f} | {rnd['extra']['test']['mean']:.3f} "

@@ -2,7 +2,7 @@
 
 A ``fixed`` prompt (forward selection, baselines) uses the same prompt set for
 every image. Other kinds (per-query retrieval, learned contexts, text prompts)
-register a predictor here under their ``kind``. A predictor returns, per
+have their own predictor here, chosen by the artifact's ``kind``. A predictor returns, per
 image, the label map and the ids of the prompts that image was given. A
 ``text`` prompt is its phrases (``extra.texts``) read by the backend rebuilt
 from the artifact's config, thresholds included.
@@ -21,13 +21,7 @@ from .data import Sample, image_samples
 from .errors import DataError
 from .oracle import prediction_to_labels
 
-Predictor = Callable[[PromptArtifact, Backend, Sequence[Sample]], tuple[list[np.ndarray], list[list[str]]]]
-_PREDICTORS: dict[str, Predictor] = {}
-
-
-def register_predictor(kind: str, fn: Predictor) -> None:
-    """Let a prompt kind other than ``fixed`` define how it labels new images."""
-    _PREDICTORS[kind] = fn
+Predicted = tuple[list[np.ndarray], list[list[str]]]
 
 
 def labels_under(backend: Backend, prompts: Sequence[Prompt], queries: Sequence[Sample],
@@ -36,16 +30,11 @@ def labels_under(backend: Backend, prompts: Sequence[Prompt], queries: Sequence[
     return [prediction_to_labels(backend.predict(list(prompts), [q], num_classes)[0]).cpu().numpy() for q in queries]
 
 
-def _predict_fixed(art: PromptArtifact, backend: Backend,
-                   queries: Sequence[Sample]) -> tuple[list[np.ndarray], list[list[str]]]:
+def _predict_fixed(art: PromptArtifact, backend: Backend, queries: Sequence[Sample]) -> Predicted:
     return labels_under(backend, art.samples(), queries, art.num_classes), [art.ids for _ in queries]
 
 
-register_predictor("fixed", _predict_fixed)
-
-
-def _predict_text(art: PromptArtifact, backend: Backend,
-                  queries: Sequence[Sample]) -> tuple[list[np.ndarray], list[list[str]]]:
+def _predict_text(art: PromptArtifact, backend: Backend, queries: Sequence[Sample]) -> Predicted:
     """A text prompt: the phrases of ``extra.texts``; the thresholds are in the backend's saved config."""
     if not art.texts:
         raise DataError(f"{art.path}: a text prompt needs 'extra.texts' (one phrase per foreground class)")
@@ -53,12 +42,31 @@ def _predict_text(art: PromptArtifact, backend: Backend,
     return labels_under(backend, [prompt], queries, art.num_classes), [[prompt.key] for _ in queries]
 
 
-register_predictor("text", _predict_text)
+def _predict_tuned(art: PromptArtifact, backend: Backend, queries: Sequence[Sample]) -> Predicted:
+    """Learned contexts (context tuning): the safetensors beside prompt.json are the prompt."""
+    from .strategies.tuning import load_contexts
+
+    if not art.context_file:
+        raise DataError(f"{art.path}: a tuned prompt needs a context_file")
+    contexts = load_contexts(art.path.parent / art.context_file, backend.device)
+    labels = labels_under(backend, contexts, queries, art.num_classes)
+    return labels, [[f"context {i}" for i in range(len(contexts))] for _ in queries]
+
+
+def _predict_retrieval(art: PromptArtifact, backend: Backend, queries: Sequence[Sample]) -> Predicted:
+    from .strategies.retrieval import predict_retrieval  # lazy: FAISS is only needed for retrieval prompts
+
+    return predict_retrieval(art, backend, queries)
+
+
+#: how each kind of prompt artifact labels new images
+_PREDICTORS: dict[str, Callable[[PromptArtifact, Backend, Sequence[Sample]], Predicted]] = {
+    "fixed": _predict_fixed, "text": _predict_text, "tuned": _predict_tuned, "retrieval": _predict_retrieval}
 
 
 def predict_with_prompts(artifact: PromptArtifact | str | Path, queries: Sequence[Sample],
                          backend: Backend | None = None,
-                         **backend_overrides) -> tuple[list[np.ndarray], list[list[str]]]:
+                         **backend_overrides) -> Predicted:
     """(H, W) class-id maps for each query under a saved prompt, and the prompt ids each query got."""
     art = artifact if isinstance(artifact, PromptArtifact) else load_prompt(artifact)
     if art.kind not in _PREDICTORS:
@@ -110,7 +118,7 @@ def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | P
     ``overlays/`` folder of images with the prediction drawn over them.
     """
     from .data import read_mask
-    from .metrics import IoUAccumulator
+    from .metrics import mean_iou
 
     art = load_prompt(prompt_path)
     queries = image_samples(images)
@@ -137,9 +145,7 @@ def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | P
         unique = name == f"{Path(q.id).stem}.png"  # a stem two images share matches no ground truth unambiguously
         truth_path = truth_dir / f"{Path(q.id).stem}.png" if truth_dir is not None and unique else None
         if truth_path is not None and truth_path.is_file():
-            acc = IoUAccumulator(art.num_classes)
-            acc.add(labels, read_mask(truth_path), q.id)
-            iou = acc.result().miou
+            iou = mean_iou([labels], [read_mask(truth_path)], art.num_classes)
         for c in range(1, art.num_classes):
             rows.append([q.id, name, c, int((labels == c).sum()), " ".join(used),
                          "" if iou is None or iou != iou else f"{iou:.6f}"])
@@ -147,28 +153,3 @@ def predict_folder(prompt_path: str | Path, images: str | Path, out_dir: str | P
         progress("images", len(queries), len(queries))
     atomic_write_csv(out / "predictions.csv", ["image", "mask", "class", "area", "prompts", "iou"], rows)
     return written
-
-
-def _predict_tuned(art: PromptArtifact, backend: Backend,
-                   queries: Sequence[Sample]) -> tuple[list[np.ndarray], list[list[str]]]:
-    """Learned contexts (context tuning): the safetensors beside prompt.json are the prompt."""
-    from .strategies.tuning import load_contexts
-
-    if not art.context_file:
-        raise DataError(f"{art.path}: a tuned prompt needs a context_file")
-    contexts = load_contexts(art.path.parent / art.context_file, backend.device)
-    labels = labels_under(backend, contexts, queries, art.num_classes)
-    return labels, [[f"context {i}" for i in range(len(contexts))] for _ in queries]
-
-
-register_predictor("tuned", _predict_tuned)
-
-
-def _predict_retrieval(art: PromptArtifact, backend: Backend,
-                       queries: Sequence[Sample]) -> tuple[list[np.ndarray], list[list[str]]]:
-    from .strategies.retrieval import predict_retrieval  # lazy: FAISS is only needed for retrieval prompts
-
-    return predict_retrieval(art, backend, queries)
-
-
-register_predictor("retrieval", _predict_retrieval)

@@ -1,11 +1,4 @@
-"""Honest baselines for prompt selection, scored by the same oracle as forward selection.
-
-* :class:`RandomK` — k pool examples drawn at random, repeated over seeds (mean and std).
-* :class:`BestSingle` — the single pool example with the best val mIoU.
-* :class:`RandomSearch` — random combinations (sizes 1..k) tried for a fixed number of
-  oracle evaluations (set it to what forward selection used), keep the best.
-* :class:`WorstCaseGreedy` — start from the best single example, then repeatedly add the
-  example that most improves the currently worst-scored validation image.
+"""Honest baselines for prompt selection (random k, best single, random search, worst-case greedy).
 
 What a baseline needs to be fair: the same pool, the same oracle (same val images,
 same metric, same caching — cross-validated or not) and, for search baselines, the
@@ -67,7 +60,7 @@ class RandomK(PromptStrategy):
         return self
 
     def extra_scores(self, oracle: ValidationOracle) -> dict[str, float]:
-        """Mean and std over the seeds' draws (``per_seed`` order follows ``seeds``)."""
+        """Mean and std over the seeds' draws."""
         scores = np.array([oracle.score(d).miou for d in self.draws_], dtype=float)
         return {"mean": float(np.nanmean(scores)), "std": float(np.nanstd(scores))}
 
@@ -122,18 +115,17 @@ class RandomSearch(PromptStrategy):
         self.require_fit(1, "one prompt")
         rng = np.random.default_rng(self.seed)
         k = self.largest_fitting(min(self.k, len(pool)))
-        best, best_result, best_score, history = None, None, float("-inf"), []
+        best, best_result, history = None, None, []
         for t in range(self.n_trials):
             self._tick("trial", t, self.n_trials)
             size = int(rng.integers(1, k + 1))
             chosen = [pool[j] for j in sorted(rng.choice(len(pool), size=size, replace=False))]
             result = self.oracle.score(chosen)
-            score = result.miou
-            history.append({"trial": t, "selected": [s.id for s in chosen], "val_miou": score})
+            history.append({"trial": t, "selected": [s.id for s in chosen], "val_miou": result.miou})
             if better(result, best_result):
-                best, best_result, best_score = chosen, result, score
+                best, best_result = chosen, result
         self._tick("trial", self.n_trials, self.n_trials)
-        self.selected_, self.score_, self.history_ = best, float(best_score), history
+        self.selected_, self.score_, self.history_ = best, float(best_result.miou), history
         self.n_evaluations_ = self.n_trials
         return self
 
@@ -172,8 +164,8 @@ class WorstCaseGreedy(PromptStrategy):
             candidates = [s for s in pool if s not in chosen]
             results = self.oracle.score_additions(chosen, candidates)
             evaluations += len(candidates)
-            key = lambda cr: (comparable(cr[1].per_image_iou.get(worst, float("nan"))), comparable(cr[1].miou))  # noqa: E731
-            pick, res = max(zip(candidates, results), key=key)
+            pick, res = max(zip(candidates, results), key=lambda cr: (
+                comparable(cr[1].per_image_iou.get(worst, float("nan"))), comparable(cr[1].miou)))
             if comparable(res.per_image_iou.get(worst)) <= comparable(per_image[worst]):
                 break
             chosen.append(pick)

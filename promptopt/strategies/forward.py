@@ -29,28 +29,24 @@ from ..artifacts import fingerprint
 from ..data import Sample
 from ..errors import ConfigError
 from ..space import MAX_K, Int
-from .acceptance import DEFAULT_RULE, StoredResult, confusions_to_json, make_rule, rank, same_images
+from .acceptance import (DEFAULT_RULE, Judgement, StoredResult, confusions_of, confusions_to_json, make_rule, rank,
+                         same_images)
 from .base import PromptStrategy, comparable
 
 
 class ForwardSelector(PromptStrategy):
-    """Greedy forward selection scored by the validation oracle.
+    """Greedy forward selection scored by the validation oracle (see the module docstring).
 
-    Parameters beyond the common ones: ``max_prompts`` (cap on k), ``min_gain`` (smallest
-    gain that counts), ``patience`` (steps not kept before stopping), ``shortlist``
-    (model-combining backends: exact-score only the top M), ``rule`` ("none", "se" or
-    "bootstrap") and ``noise_z`` (its strictness) — see :mod:`promptopt.strategies.acceptance`.
+    Parameters beyond the common ones: ``max_prompts`` (cap on k), ``min_gain``, ``patience``,
+    ``shortlist``, ``rule`` ("none", "se" or "bootstrap") and ``noise_z`` (its strictness).
 
-    Attributes after ``fit``: ``selected_`` (samples, in the order added),
-    ``score_`` (val mIoU of ``selected_``), ``history_`` (one dict per step:
-    every candidate's val mIoU, the chosen id, its score, paired gain over the
-    best kept set, the noise that gain had to beat, the number of images they
-    were compared on, the memory estimate, whether it was kept; with candidates
-    scored on different images also each one's ranking value ``advantage``),
-    ``stop_reason_`` ("max_prompts", "pool_exhausted" — fewer examples than
-    ``max_prompts`` —, "memory_budget", "no_gain"), ``memory_bytes_`` (the
-    estimate for ``selected_``), ``budget_bytes_``, ``n_evaluations_``,
-    ``largest_scored_`` (the largest set it scored) and ``resumed_steps_``.
+    Attributes after ``fit``: ``selected_`` (samples, in the order added), ``score_``,
+    ``history_`` (one dict per step: every candidate's val mIoU, the chosen id, its score, the
+    rule's verdict over the best kept set, the memory estimate; with candidates scored on
+    different images also each one's ranking value ``advantage``), ``stop_reason_``
+    ("max_prompts", "pool_exhausted", "memory_budget", "no_gain"), ``memory_bytes_`` (the
+    estimate for ``selected_``), ``budget_bytes_``, ``n_evaluations_``, ``largest_scored_``
+    (the largest set it scored) and ``resumed_steps_``.
     """
 
     name = "forward"
@@ -59,12 +55,9 @@ class ForwardSelector(PromptStrategy):
     def __init__(self, oracle, *, max_prompts: int | None = None, min_gain: float = 0.0, patience: int = 1,
                  shortlist: int | None = None, rule: str = DEFAULT_RULE, noise_z: float = 1.0, **common: Any) -> None:
         super().__init__(oracle, **common)
-        if max_prompts is not None and max_prompts < 1:
-            raise ConfigError(f"max_prompts must be at least 1, got {max_prompts}")
-        if patience < 1:
-            raise ConfigError(f"patience must be at least 1, got {patience}")
-        if shortlist is not None and shortlist < 1:
-            raise ConfigError(f"shortlist must be at least 1, got {shortlist}")
+        for option, value in (("max_prompts", max_prompts), ("patience", patience), ("shortlist", shortlist)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{option} must be at least 1, got {value}")
         self.max_prompts = max_prompts
         self.min_gain = float(min_gain)
         self.patience = int(patience)
@@ -141,11 +134,9 @@ class ForwardSelector(PromptStrategy):
             result = results[pick.id]
             score = result.miou
             chosen.append(pick)
-            if best is None:  # the first prompt is always kept: k >= 1
-                verdict = {"gain": comparable(score), "noise": 0.0, "images": len(getattr(result, "confusions", {})),
-                           "accepted": True}
-            else:
-                verdict = self.rule.judge(result, best).to_dict()
+            # the first prompt is always kept: k >= 1
+            verdict = (Judgement(comparable(score), 0.0, len(confusions_of(result)), True) if best is None
+                       else self.rule.judge(result, best)).to_dict()
             if verdict["accepted"]:
                 best = result
                 state.update(best_len=len(chosen), best_score=score, stale=0,

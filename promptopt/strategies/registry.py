@@ -42,10 +42,7 @@ def register_strategy(name: str, cls: str | type[PromptStrategy]) -> None:
 
 def available_strategies(searchable: bool = False) -> list[str]:
     """Registered names (only those that declare a search space when ``searchable``)."""
-    names = list(_REGISTRY)
-    if searchable:
-        names = [n for n in names if strategy_class(n).search_space is not None]
-    return names
+    return [n for n in _REGISTRY if not searchable or strategy_class(n).search_space is not None]
 
 
 def strategy_class(name: str) -> type[PromptStrategy]:

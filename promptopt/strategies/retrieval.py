@@ -90,22 +90,18 @@ def retrieve(index: EmbeddingIndex, encoder: Encoder, queries: Sequence[Sample],
 class RetrievalSelector(PromptStrategy):
     """Per-query top-k prompts from an embedding index (see the module docstring).
 
-    Parameters: ``oracle`` (val images); ``index`` (an :class:`EmbeddingIndex` or its
-    folder) — or, without one, ``encoder`` (an encoder spec such as ``"features"``;
-    ``"features+mask"`` for mask-aware pool embeddings), from which a flat index over
-    the pool is built at ``fit``; ``k`` prompts per query, or ``"auto"``: k = 1, 2, …,
-    ``max_k`` in turn, each kept only if the acceptance rule (``rule``, ``noise_z``; see
-    :mod:`promptopt.strategies.acceptance`) finds its paired gain over the best k so far
-    real, stopping at the first k that is not kept; ``diversity`` in [0, 1] (MMR).
+    Parameters: ``index`` (an :class:`EmbeddingIndex` or its folder) — or, without one,
+    ``encoder`` (a spec such as ``"features"``; ``"features+mask"`` for mask-aware pool
+    embeddings) to build a flat index over the pool with at ``fit``; ``k`` prompts per query,
+    or ``"auto"``: k = 1, 2, …, ``max_k`` in turn, each kept only if the acceptance rule
+    (``rule``, ``noise_z``) finds its paired gain over the best k so far real, stopping at the
+    first k that is not kept; ``diversity`` in [0, 1] (MMR). A cross-validated oracle scores
+    pool images too, each with its nearest *other* pool examples.
 
-    With a cross-validated oracle, pool images are scored too, each with its nearest
-    *other* pool examples.
-
-    Attributes after ``fit``: ``k_`` (the k used), ``assignment_`` (val image id → its
-    prompt ids), ``similarities_`` (the matching cosine similarities), ``selected_`` (every
-    pool example used by some val image, in pool order), ``score_`` (val mIoU),
-    ``result_`` (the oracle result), ``history_`` (one entry per val image), ``k_history_``
-    (with ``k="auto"``: one entry per k tried, with its score, gain, noise and verdict).
+    Attributes after ``fit``: ``k_``, ``assignment_`` (val image id → its prompt ids),
+    ``similarities_`` (their cosine similarities), ``selected_`` (every pool example some val
+    image uses, in pool order), ``score_``, ``result_`` (the oracle result), ``history_`` (one
+    entry per val image), ``k_history_`` (``k="auto"``: one entry per k tried, with its verdict).
     """
 
     name = "retrieval"
@@ -169,7 +165,6 @@ class RetrievalSelector(PromptStrategy):
             return (k, *self._score_k(k))
         cap = self.largest_fitting(min(self.max_k, top))
         best = None
-        self.k_history_ = []
         for k in range(1, cap + 1):
             self._tick("k", k - 1, cap)
             hits, result = self._score_k(k)
@@ -248,9 +243,8 @@ def pool_index(pool: Sequence[Sample], encoder: str | Encoder) -> EmbeddingIndex
     spec = encoder if isinstance(encoder, str) else encoder.name
     key = fingerprint({"encoder": spec, "samples": [s.key for s in pool]})
     if key not in _POOL_INDEXES:
-        name, masked = spec.removesuffix("+mask"), spec.endswith("+mask")
-        enc = create_encoder(name) if isinstance(encoder, str) else encoder
-        _POOL_INDEXES[key] = build_index(list(pool), enc, kind="flat", masked=masked)
+        enc = create_encoder(spec.removesuffix("+mask")) if isinstance(encoder, str) else encoder
+        _POOL_INDEXES[key] = build_index(list(pool), enc, kind="flat", masked=spec.endswith("+mask"))
     return _POOL_INDEXES[key]
 
 
@@ -265,9 +259,8 @@ def predict_retrieval(art, backend, queries: Sequence[Sample]) -> tuple[list[np.
     if not folder.is_dir():
         raise DataError(f"{art.path}: retrieval prompt refers to missing index folder {folder}")
     index = EmbeddingIndex.load(folder)
-    encoder = index.make_encoder()
-    examples = art.samples()
-    hits = retrieve(index, encoder, queries, examples, int(art.extra.get("k", 4)), float(art.extra.get("diversity", 0.0)))
+    hits = retrieve(index, index.make_encoder(), queries, art.samples(), int(art.extra.get("k", 4)),
+                    float(art.extra.get("diversity", 0.0)))
     labels, used = [], []
     for q in queries:
         prompts = [s for s, _ in hits[q.key]]

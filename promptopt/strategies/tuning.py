@@ -18,27 +18,20 @@ class) or one context per foreground class (``per_class=True``: the mask is a
 two-way softmax, background vs that class, placed in the class's channel).
 
 Optimisation: Adam, linear warm-up then cosine decay to zero; every
-``eval_every`` steps the current contexts are scored on the validation images
-by the oracle (:meth:`~promptopt.oracle.ValidationOracle.score_contexts`, never
-cached: the tensors change), on every oracle image the contexts were not made
-from (a cross-validated oracle leaves the starting examples and the training
-images out; with the default training set that leaves the validation split).
-An evaluation replaces the kept tensors only if the acceptance rule
-(:mod:`promptopt.strategies.acceptance`, ``rule``/``noise_z``; by default one
-standard error of the per-image paired differences) says its gain over them is
-real — the initial contexts are the first kept ones, so tuning never ends below
-its start because of validation noise — and tuning stops after ``patience``
-evaluations that are not kept.
-Model parameters (the backend's declared :meth:`~promptopt.backends.base.Backend.modules`)
-are frozen for the duration of ``fit`` (``requires_grad`` switched off, modules in
-eval mode) and restored afterwards; after every backward pass the tuner checks
-that no model parameter received a gradient.
+``eval_every`` steps the oracle scores the current contexts
+(:meth:`~promptopt.oracle.ValidationOracle.score_contexts`, never cached) on
+every image they were not made from (a cross-validated oracle leaves the
+starting examples and the training images out). An evaluation replaces the
+kept tensors only if the acceptance rule (:mod:`promptopt.strategies.acceptance`;
+by default one standard error of the per-image paired differences) says its
+gain over them is real — the initial contexts are the first kept ones, so
+tuning never ends below its start because of validation noise — and tuning
+stops after ``patience`` evaluations that are not kept. The backend's modules
+are frozen during ``fit`` and restored afterwards; after every backward pass the
+tuner checks that no model parameter received a gradient.
 
-It is an ordinary strategy: ``ContextTuner(oracle, init=..., steps=...).fit(pool)``
-starts from ``init`` (the best single pool example by default, given examples,
-or noise) and trains on the rest of the pool. Interrupted tuning resumes: after
-each evaluation the context tensors, the optimizer and scheduler state, the
-history and the best tensors go to the run's checkpoint; mini-batches are a
+Interrupted tuning resumes: after each evaluation the tensors, the optimizer and
+scheduler state and the history go to the run's checkpoint; mini-batches are a
 function of (seed, step), so the resumed run equals an uninterrupted one.
 """
 
@@ -63,6 +56,7 @@ from ..oracle import OracleResult, ValidationOracle, prediction_to_labels
 from ..space import Choice, Float
 from .acceptance import StoredResult, confusions_to_json, make_rule
 from .base import PromptStrategy
+from .baselines import BestSingle
 
 TUNE_TARGETS = ("image", "mask", "both")
 CONTEXT_FILE = "context.safetensors"
@@ -73,11 +67,7 @@ _IMAGE_EPS = 0.5 / 255.0  # initial images are clamped this far inside (0, 1) be
 # --- model freezing ----------------------------------------------------------------------------------
 def model_parameters(backend: Backend) -> list[torch.Tensor]:
     """Every parameter and buffer of the backend's declared modules (what must stay bit-identical)."""
-    out: list[torch.Tensor] = []
-    for m in backend.modules():
-        out.extend(m.parameters())
-        out.extend(m.buffers())
-    return out
+    return [t for m in backend.modules() for t in (*m.parameters(), *m.buffers())]
 
 
 @contextmanager
@@ -88,10 +78,8 @@ def frozen(backend: Backend) -> Iterator[list[torch.nn.Parameter]]:
     flags = [p.requires_grad for p in params]
     modes = [m.training for m in mods]
     try:
-        for p in params:
-            p.requires_grad_(False)
         for m in mods:
-            m.eval()
+            m.requires_grad_(False).eval()
         yield params
     finally:
         for p, f in zip(params, flags):
@@ -101,16 +89,13 @@ def frozen(backend: Backend) -> Iterator[list[torch.nn.Parameter]]:
 
 
 # --- files ---------------------------------------------------------------------------------------------
-def save_contexts(path: str | Path, contexts: Sequence[Context], metadata: dict[str, str] | None = None) -> Path:
+def save_contexts(path: str | Path, contexts: Sequence[Context]) -> Path:
     """Write contexts as safetensors (``context.{i}.image`` (3,H,W), ``context.{i}.mask`` (C,H,W)), atomically."""
     from safetensors.torch import save
 
-    tensors = {}
-    for i, c in enumerate(contexts):
-        tensors[f"context.{i}.image"] = c.image.detach().float().cpu().contiguous()
-        tensors[f"context.{i}.mask"] = c.mask.detach().float().cpu().contiguous()
-    meta = {"num_contexts": str(len(contexts)), **(metadata or {})}
-    return atomic_write_bytes(path, save(tensors, metadata=meta))
+    tensors = {f"context.{i}.{part}": getattr(c, part).detach().float().cpu().contiguous()
+               for i, c in enumerate(contexts) for part in ("image", "mask")}
+    return atomic_write_bytes(path, save(tensors, metadata={"num_contexts": str(len(contexts))}))
 
 
 def load_contexts(path: str | Path, device: torch.device | str = "cpu") -> list[Context]:
@@ -125,7 +110,9 @@ def load_contexts(path: str | Path, device: torch.device | str = "cpu") -> list[
         raise DataError(f"{path}: learned context file not found") from None
     except (SafetensorError, ValueError) as exc:
         raise DataError(f"{path}: not a readable safetensors file ({exc})") from None
-    n = len([k for k in tensors if k.endswith(".image")])
+    n = sum(k.endswith(".image") for k in tensors)
+    if not n:
+        raise DataError(f"{path}: holds no context tensors")
     out = []
     for i in range(n):
         try:
@@ -136,8 +123,6 @@ def load_contexts(path: str | Path, device: torch.device | str = "cpu") -> list[
             raise DataError(f"{path}: context {i} has image {tuple(image.shape)} and mask {tuple(mask.shape)}; "
                             "expected (3, H, W) and (C, H, W)")
         out.append(Context(image=image.to(device), mask=mask.to(device), key=None))
-    if not out:
-        raise DataError(f"{path}: holds no context tensors")
     return out
 
 
@@ -152,10 +137,8 @@ class _ContextParams:
         soft = (1 - _MASK_EPS) * mask_probs.float() + _MASK_EPS / k
         self.mask_logits = torch.log(soft).contiguous()
         self.valid = valid.float().unsqueeze(0)
-        embed = torch.zeros(num_classes, k, device=image.device)
-        embed[channels, torch.arange(k)] = 1.0
-        self.embed = embed
-        self.channels = list(channels)
+        self.embed = torch.zeros(num_classes, k, device=image.device)
+        self.embed[channels, torch.arange(k)] = 1.0
 
     def context(self) -> Context:
         probs = torch.softmax(self.mask_logits, 0) * self.valid
@@ -176,38 +159,23 @@ def _resize_to(x: torch.Tensor, side: int | None, mode: str) -> torch.Tensor:
 class ContextTuner(PromptStrategy):
     """Learn context tensors (prompt image and/or mask) with a frozen backend.
 
-    Parameters
-    ----------
-    oracle:
-        The validation oracle: scores the contexts (early stopping, the kept tensors); its
-        backend must be differentiable in its Context prompts.
-    init:
-        Starting point: ``"best-single"`` (the pool example with the best val mIoU),
-        labelled samples (one context each, or per class), or ``"noise"``.
-    steps, lr, batch_size, warmup:
-        Adam steps, peak learning rate (in logit space), training images per
-        step, linear warm-up steps (then cosine decay to zero; default steps/10, at most 10).
-    tune:
-        "image", "mask" or "both" — which tensors learn.
-    per_class:
-        Semantic tasks: one context per foreground class instead of shared palette contexts.
-    eval_every, patience:
-        Val mIoU every ``eval_every`` steps (default steps/3, at most 10); stop after
-        ``patience`` evaluations without improvement (None: never stop early).
-    rule, noise_z:
-        When an evaluation counts as an improvement: "none" (any gain), "se" or "bootstrap"
-        (the gain must beat the per-image paired noise; see :mod:`promptopt.strategies.acceptance`).
-    num_contexts, noise_size:
-        For ``init="noise"``: how many contexts and their (H, W) (default: the first training image's size).
-    context_side:
-        Downscale the learnable tensors so their long side is at most this (fewer parameters; None keeps the size).
+    Parameters: ``oracle`` (scores the contexts; its backend must be differentiable in its Context
+    prompts); ``init``: ``"best-single"`` (the pool example with the best val mIoU), labelled samples
+    (one context each, or per class) or ``"noise"``; ``steps``, ``lr`` (peak, in logit space),
+    ``batch_size`` (training images per step), ``warmup`` (default steps/10, at most 10); ``tune``:
+    "image", "mask" or "both" (which tensors learn); ``per_class`` (semantic tasks: one context per
+    foreground class instead of shared palette contexts); ``eval_every`` (default steps/3, at most 10)
+    and ``patience`` (evaluations not kept before stopping; None: never stop early); ``rule``,
+    ``noise_z`` (see :mod:`promptopt.strategies.acceptance`); ``num_contexts``, ``noise_size``
+    (``init="noise"``: how many, and their (H, W); default the first training image's size);
+    ``context_side`` (downscale the learnable tensors to at most this long side; None keeps the size).
 
     ``fit(pool)`` trains on the pool without the starting examples (all of it when nothing else is left).
     Attributes after ``fit``: ``contexts_`` (best contexts), ``score_`` (their val mIoU),
     ``initial_score_`` (val mIoU of the starting contexts), ``selected_`` (the starting examples),
     ``train_`` (training images), ``history_`` (one dict per evaluation: step, mean training loss
     since the previous evaluation, val mIoU, learning rate), ``losses_`` (training loss per step),
-    ``best_step_``, ``steps_run_``, ``stop_reason_``, ``resumed_step_``, ``initial_contexts_``,
+    ``best_step_``, ``steps_run_``, ``stop_reason_``, ``initial_contexts_``,
     ``memory_bytes_``, ``seconds_per_step_`` (mean time of a tuning step without the evaluations).
     """
 
@@ -216,27 +184,12 @@ class ContextTuner(PromptStrategy):
     baselines = ()
     search_space = (Choice("steps", (10, 30)), Float("lr", 0.01, 0.2, log=True), Choice("tune", TUNE_TARGETS))
 
-    def __init__(
-        self,
-        oracle: ValidationOracle,
-        *,
-        init: Sequence[Sample] | str = "best-single",
-        steps: int = 100,
-        lr: float = 0.05,
-        batch_size: int = 4,
-        warmup: int | None = None,
-        tune: str = "both",
-        per_class: bool = False,
-        eval_every: int | None = None,
-        patience: int | None = 5,
-        rule: str = "se",  # benchmarks/bench_selection.py tuning: never ended below its start (21 of 21)
-        noise_z: float = 1.0,
-        seed: int = 0,
-        num_contexts: int = 1,
-        noise_size: tuple[int, int] | None = None,
-        context_side: int | None = None,
-        **common: Any,
-    ) -> None:
+    # rule "se": benchmarks/bench_selection.py tuning never ended below its start with it (21 of 21)
+    def __init__(self, oracle: ValidationOracle, *, init: Sequence[Sample] | str = "best-single", steps: int = 100,
+                 lr: float = 0.05, batch_size: int = 4, warmup: int | None = None, tune: str = "both",
+                 per_class: bool = False, eval_every: int | None = None, patience: int | None = 5, rule: str = "se",
+                 noise_z: float = 1.0, seed: int = 0, num_contexts: int = 1, noise_size: tuple[int, int] | None = None,
+                 context_side: int | None = None, **common: Any) -> None:
         super().__init__(oracle, **common)
         warmup = min(10, max(1, steps // 10)) if warmup is None else warmup
         eval_every = max(1, min(10, steps // 3)) if eval_every is None else eval_every
@@ -281,29 +234,27 @@ class ContextTuner(PromptStrategy):
             return {"init": "best-single"}
         return {"init": "examples", "examples": [s.key for s in self.init]}
 
-    def _build_params(self, init_samples: list[Sample] | None, train: list[Sample], c: int) -> list[_ContextParams]:
+    def _resized(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A starting image and mask on the backend's device, their long side at most ``context_side``."""
         dev = self.backend.device
-        gen = torch.Generator().manual_seed(self.seed)
+        return (_resize_to(image.detach().to(dev), self.context_side, "bilinear"),
+                _resize_to(mask.detach().to(dev).float(), self.context_side, "area"))
+
+    def _build_params(self, init_samples: list[Sample] | None, train: list[Sample], c: int) -> list[_ContextParams]:
+        per_class = self.per_class and c > 2
         if init_samples is None:
+            gen = torch.Generator().manual_seed(self.seed)
             h, w = self.noise_size or train[0].size
             out = []
-            groups = [[k] for k in range(1, c)] if self.per_class and c > 2 else [None] * self.num_contexts
-            for group in groups:
-                channels = [0, group[0]] if group else list(range(c))
-                image = torch.sigmoid(torch.randn(3, h, w, generator=gen)).to(dev)
-                probs = torch.softmax(torch.randn(len(channels), h, w, generator=gen), 0).to(dev)
-                image, probs = _resize_to(image, self.context_side, "bilinear"), _resize_to(probs, self.context_side, "area")
-                out.append(_ContextParams(image, probs, torch.ones(probs.shape[1:], device=dev), channels, c))
+            for channels in [[0, k] for k in range(1, c)] if per_class else [list(range(c))] * self.num_contexts:
+                image, probs = self._resized(torch.sigmoid(torch.randn(3, h, w, generator=gen)),
+                                             torch.softmax(torch.randn(len(channels), h, w, generator=gen), 0))
+                out.append(_ContextParams(image, probs, torch.ones(probs.shape[1:], device=probs.device), channels, c))
             return out
         ctxs = [self.backend.to_context(s, c) for s in init_samples]
-        if not (self.per_class and c > 2):
-            out = []
-            for ctx in ctxs:
-                image = _resize_to(ctx.image.detach().to(dev), self.context_side, "bilinear")
-                mask = _resize_to(ctx.mask.detach().to(dev).float(), self.context_side, "area")
-                valid = mask.sum(0) > 0.5
-                out.append(_ContextParams(image, mask, valid, list(range(c)), c))
-            return out
+        if not per_class:
+            return [_ContextParams(image, mask, mask.sum(0) > 0.5, list(range(c)), c)
+                    for image, mask in (self._resized(x.image, x.mask) for x in ctxs)]
         out = []
         for k in range(1, c):
             counts = [float(ctx.mask[k].sum()) for ctx in ctxs]
@@ -311,22 +262,14 @@ class ContextTuner(PromptStrategy):
             if counts[best] <= 0:
                 raise ConfigError(f"tuning: per-class init needs an example showing class {k}; none of "
                                   f"{[s.id for s in init_samples]} does (use init='noise' or add one)")
-            ctx = ctxs[best]
-            image = _resize_to(ctx.image.detach().to(dev), self.context_side, "bilinear")
-            full = _resize_to(ctx.mask.detach().to(dev).float(), self.context_side, "area")
-            fg = full[k]
-            bg = full.sum(0) - fg
-            out.append(_ContextParams(image, torch.stack([bg, fg]), full.sum(0) > 0.5, [0, k], c))
+            image, full = self._resized(ctxs[best].image, ctxs[best].mask)
+            bg_fg = torch.stack([full.sum(0) - full[k], full[k]])
+            out.append(_ContextParams(image, bg_fg, full.sum(0) > 0.5, [0, k], c))
         return out
 
     def _learnable(self, params: list[_ContextParams]) -> list[torch.Tensor]:
-        out = []
-        for p in params:
-            if self.tune in ("image", "both"):
-                out.append(p.image_logits)
-            if self.tune in ("mask", "both"):
-                out.append(p.mask_logits)
-        return out
+        return [t for p in params for t, part in ((p.image_logits, "image"), (p.mask_logits, "mask"))
+                if self.tune in (part, "both")]
 
     def _lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` at optimizer step ``step`` (0-based): linear warm-up, then cosine to zero."""
@@ -341,29 +284,23 @@ class ContextTuner(PromptStrategy):
         return [train[i] for i in sorted(idx)]
 
     def _check_budget(self, c: int, image_size: tuple[int, int]) -> None:
-        """Refuse a budget below one tuning step (contexts at most image-sized) with the needed figure."""
-        per_class = self.per_class and c > 2
-        if per_class:
+        """Refuse a budget below one tuning step with the needed figure: the backend's estimate for ``batch_size``
+        images plus the contexts' (at most image-sized) parameter, gradient and two Adam moments (float32)."""
+        if self.per_class and c > 2:
             n = c - 1
         elif isinstance(self.init, str):
             n = self.num_contexts if self.init == "noise" else 1
         else:
             n = len(self.init)
         side = self.context_side or max(image_size)
-        h, w = (min(image_size[0], side), min(image_size[1], side))
-        self.memory_bytes_ = self.tuning_memory_bytes(n, image_size, n * (3 + c) * h * w)
+        numel = n * (3 + c) * min(image_size[0], side) * min(image_size[1], side)
+        self.memory_bytes_ = int(self.backend.tuning_memory_bytes(n, image_size, self.batch_size, c) + 4 * 4 * numel)
         if self.budget_bytes_ is not None and self.memory_bytes_ > self.budget_bytes_:
             raise BudgetError(
                 f"memory budget {format_bytes(self.budget_bytes_)} is too small for context tuning: backend "
                 f"{self.backend.name!r} needs about {format_bytes(self.memory_bytes_)} ({self.backend.memory_kind}) "
                 f"for {n} context(s) and {self.batch_size} training image(s) per step at "
                 f"{image_size[1]}x{image_size[0]} (lower --batch-size or raise the budget)")
-
-    def tuning_memory_bytes(self, num_contexts: int, image_size: tuple[int, int], context_numel: int) -> int:
-        """Estimated peak of one tuning step: the backend's figure for ``batch_size`` images plus the
-        context's parameter, gradient and two Adam moments (float32)."""
-        return int(self.backend.tuning_memory_bytes(num_contexts, image_size, self.batch_size, self.oracle.num_classes)
-                   + 4 * 4 * context_numel)
 
     def _fingerprint(self, train: list[Sample], init: list[Sample] | None, c: int) -> str:
         return fingerprint({
@@ -381,8 +318,6 @@ class ContextTuner(PromptStrategy):
         if self.init == "noise":
             return None, 0
         if self.init == "best-single":
-            from .baselines import BestSingle
-
             first = BestSingle(self.oracle).fit(pool)
             return list(first.selected_), first.n_evaluations_
         # a cross-validated oracle never scores the images the contexts are made from (see score_contexts)
@@ -396,8 +331,8 @@ class ContextTuner(PromptStrategy):
         """Learn contexts on the pool without the starting examples; keep the best on the oracle's images."""
         pool = self._check_pool(pool)
         c = self.oracle.num_classes
-        image_size = max((s.size for s in list(pool) + self.oracle.samples), key=lambda hw: hw[0] * hw[1])
-        self._check_budget(c, image_size)  # before any model work, the starting point's choice included
+        # before any model work, the starting point's choice included
+        self._check_budget(c, max((s.size for s in pool + self.oracle.samples), key=lambda hw: hw[0] * hw[1]))
         init, spent = self._start(pool)
         init_keys = {s.key for s in init or []}
         train = [s for s in pool if s.key not in init_keys] or list(pool)
@@ -433,9 +368,7 @@ class ContextTuner(PromptStrategy):
                       "best_score": initial, "best_step": 0, "stale": 0, "stop_reason": None, "initial_score": initial,
                       "train_s": 0.0, "best_confusions": confusions_to_json(first)}
                 best = [Context(x.image.clone(), x.mask.clone()) for x in self.initial_contexts_]
-            self.resumed_step_ = st["step"]
             self._tick("tuning step", st["step"], self.steps)
-            since_eval: list[float] = []
             while st["stop_reason"] is None and st["step"] < self.steps:
                 t_step = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
@@ -451,10 +384,8 @@ class ContextTuner(PromptStrategy):
                 st["step"] += 1
                 st["losses"].append(float(loss.detach()))
                 st["train_s"] += time.perf_counter() - t_step
-                since_eval.append(st["losses"][-1])
                 if st["step"] % self.eval_every == 0 or st["step"] == self.steps:
-                    best = self._evaluate_step(st, params, best, opt, since_eval)
-                    since_eval = []
+                    best = self._evaluate_step(st, params, best, opt)
                     if self.checkpoint:
                         self.checkpoint.save(fp, st, {
                             "params": [t.detach().clone() for t in learnable], "optimizer": opt.state_dict(),
@@ -480,13 +411,14 @@ class ContextTuner(PromptStrategy):
         return self
 
     def _evaluate_step(self, st: dict[str, Any], params: list[_ContextParams], best: list[Context],
-                       opt: torch.optim.Optimizer, since_eval: list[float]) -> list[Context]:
+                       opt: torch.optim.Optimizer) -> list[Context]:
         """Score the current contexts on the oracle, keep them if best, decide whether to stop."""
         with torch.no_grad():
             current = [p.context() for p in params]
         result = self.oracle.score_contexts(current, exclude=self._made_from)
         score = result.miou
         verdict = self.rule.judge(result, StoredResult.from_confusions(st["best_confusions"], st["best_score"]))
+        since_eval = st["losses"][st["history"][-1]["step"]:]  # the losses of the steps since the last evaluation
         st["history"].append({"step": st["step"], "loss": float(np.mean(since_eval)) if since_eval else None,
                               "val_miou": score, "lr": float(opt.param_groups[0]["lr"]), **verdict.to_dict()})
         if verdict.accepted:

@@ -173,16 +173,6 @@ def measure_seggpt_inference(p: dict, config: Any, pool: Sequence[Sample], query
         _free()
 
 
-def _old_tuning_estimate(be, contexts: int, batch: int, size: tuple[int, int], numel: int) -> int | None:
-    """What promptopt's ContextTuner estimated at this commit (None if its interface changed)."""
-    try:
-        from promptopt.strategies.tuning import ContextTuner
-
-        return int(ContextTuner(be, batch_size=batch).tuning_memory_bytes(contexts, size, numel))
-    except (ImportError, TypeError, AttributeError):
-        return None
-
-
 def measure_seggpt_tuning(p: dict, config: Any, pool: Sequence[Sample], device: str, peak_fn: PeakFn) -> None:
     """Fill the tuning block: one ``tuning_loss`` + ``backward`` per row, a fresh model per (dtype, checkpointing)."""
     from promptopt.backends.base import Context
@@ -199,7 +189,9 @@ def measure_seggpt_tuning(p: dict, config: Any, pool: Sequence[Sample], device: 
                 be.prepare(batch)
                 starts = [be.to_context(s, 2) for s in refs]
                 numel = sum(x.image.numel() + x.mask.numel() for x in starts)
-                row["estimate"] = _old_tuning_estimate(be, c, b, batch[0].size, numel)
+                # what ContextTuner compares with the budget: the backend's step plus the contexts' parameter,
+                # gradient and two Adam moments (float32)
+                row["estimate"] = int(be.tuning_memory_bytes(c, batch[0].size, b, 2) + 4 * 4 * numel)
                 row["allocated_before_bytes"] = _allocated(device)
                 contexts = [Context(x.image.clone().requires_grad_(True), x.mask.clone().requires_grad_(True))
                             for x in starts]

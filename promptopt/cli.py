@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import ConfigError, PromptOptError
+from .progress import progress_reporter
 from .strategies.registry import available_strategies
 
 
@@ -307,7 +308,6 @@ def _run_strategy(t: TaskArgs, b: BackendArgs, r: RunArgs, s: SelectionArgs, str
 
 def _run_each(t: TaskArgs, r: RunArgs, run_one: Callable[..., dict[str, Any]]) -> None:
     """Run a command on each category of the data (one folder each), printing one line per category."""
-    from .progress import progress_reporter
     from .run import one_line, run_categories
 
     ds = t.dataset()
@@ -406,7 +406,6 @@ def predict(
 ) -> None:
     """Write PNG masks (+ predictions.csv, overlays) for new images with a saved prompt."""
     from .predict import predict_folder
-    from .progress import progress_reporter
 
     overrides = {"device": check_device(device)} if device else {}
     with progress_reporter(quiet=quiet) as prog:
@@ -451,7 +450,6 @@ def index_build(
 ) -> None:
     """Embed every image of a dataset (or one category) and save a FAISS index with its manifest."""
     from .index import build_dataset_index
-    from .progress import progress_reporter
 
     with progress_reporter(quiet=quiet) as prog:
         idx = build_dataset_index(data, out, category=category, encoder=encoder, checkpoint=checkpoint,

@@ -237,14 +237,15 @@ class PromptSearch:
                                             pruner=self.pruner, load_if_exists=True)
         except ValueError as exc:  # e.g. a study of that name that minimises
             raise ConfigError(f"study {self.study_name!r} in {self.where}: {exc}") from None
-        fp = fingerprint(self.study_identity())
+        identity = self.study_identity()
+        fp = fingerprint(identity)
         have = study.user_attrs.get("task_fingerprint")
         if have is None:
             if study.get_trials(deepcopy=False):
                 raise ConfigError(f"study {self.study_name!r} in {self.where} holds trials promptopt did not make; "
                                   "use another --study-name")
             study.set_user_attr("task_fingerprint", fp)
-            study.set_user_attr("task", self.study_identity()["task"])
+            study.set_user_attr("task", identity["task"])
             have = study.user_attrs.get("task_fingerprint")  # a worker racing to create it may have won
         if have != fp:
             raise ConfigError(f"study {self.study_name!r} in {self.where} was made for another task, backend or "
@@ -351,18 +352,13 @@ def score_artifact(prompt_path: str | Path, samples: Sequence[Sample], num_class
 
 @contextmanager
 def publication_lock(run_dir: Path) -> Iterator[None]:
-    """One worker at a time publishes into a run folder (an advisory lock on ``.publish.lock``)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: workers should then use separate --out folders
-        yield
-        return
+    """One worker at a time publishes into a run folder (an advisory lock on ``.publish.lock``; POSIX only,
+    as the workers are: :func:`~promptopt.search_workers.worker_name` needs ``os.uname``)."""
+    import fcntl
+
     with open(run_dir / ".publish.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def _publish(src: Path, dest: Path) -> None:

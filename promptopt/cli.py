@@ -15,16 +15,17 @@ import inspect
 import json
 import shlex
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .errors import ConfigError, PromptOptError
+from .progress import progress_reporter
 from .strategies.registry import available_strategies
+
 
 class _FlagHelp:
     """``--help`` shows no ``<bool>`` value: a flag takes none (typer labels it like an option that does)."""
@@ -37,7 +38,20 @@ class _FlagHelp:
 
 
 class _Command(_FlagHelp, typer.core.TyperCommand):
-    pass
+    """A command that turns promptopt's own errors and environment problems into one line and exit code 2."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PromptOptError as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        except OSError as exc:  # a folder that is not writable, a path that is a file, a full disk, ...
+            message = f"{exc.filename or 'output'}: {exc.strerror or exc}"
+        except KeyboardInterrupt:
+            console.print("interrupted: finished steps are saved; run the same command again to resume")
+            raise typer.Exit(130)
+        console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(2)
 
 
 class _Group(_FlagHelp, typer.core.TyperGroup):
@@ -48,26 +62,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Optimise the prompt, not the weights, of in-context image segmenters.")
 console = Console(stderr=True)
 out_console = Console()
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn promptopt's own errors and environment problems into a one-line message and exit code 2."""
-    try:
-        yield
-    except PromptOptError as exc:
-        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    except OSError as exc:  # a folder that is not writable, a path that is a file, a full disk, ...
-        where = exc.filename or "output"
-        _fail(f"{where}: {exc.strerror or exc}")
-    except KeyboardInterrupt:
-        console.print("interrupted: finished steps are saved; run the same command again to resume")
-        raise typer.Exit(130)
 
 
 def _command_line() -> str:
@@ -105,6 +99,15 @@ def _flag(*decls: str, help: str) -> Any:
 def _opt(default: Any, *decls: str, help: str) -> Any:
     option = _flag(*decls, help=help) if default is False else typer.Option(default, *decls, help=help)
     return dataclasses.field(default=option)
+
+
+def _defaults(block: type, **values: Any) -> Any:
+    """An option block holding its options' defaults but ``values`` (for a command that fixes the options)."""
+    return block(**{**{f.name: f.default.default for f in dataclasses.fields(block)}, **values})
+
+
+QUIET = _flag("--quiet", help="No progress bars or progress lines.")
+AS_JSON = _flag("--json/--table", help="Machine-readable output (default: a table).")
 
 
 # --- option blocks, declared once ---------------------------------------------------------------------
@@ -163,7 +166,7 @@ class RunArgs:
     out: Path = _opt(..., "--out", help="Run folder (created; rerun the same command to resume).")
     restart: bool = _opt(False, "--restart", help="Replace a different or damaged run in --out instead of refusing.")
     memory_budget: Optional[str] = _opt(None, "--memory-budget", help="Peak device memory allowed, e.g. 8GiB, 512MB.")
-    quiet: bool = _opt(False, "--quiet", help="No progress bars or progress lines.")
+    quiet: bool = dataclasses.field(default=QUIET)
 
 
 @dataclasses.dataclass
@@ -182,23 +185,14 @@ class SelectionArgs:
         return {"rule": self.rule, "noise_z": self.noise_z}
 
 
-#: marks a command parameter that :func:`takes` replaces by the fields of :class:`SelectionArgs`
-SELECTION: Any = None
-
-
 def takes(**blocks: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add the fields of option-block dataclasses to a command's signature; pass each block as one object."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn)
         params = [p for p in sig.parameters.values() if p.name not in blocks]
-        hints = {}
-        for cls in blocks.values():
-            types = typing_hints(cls)
-            for f in dataclasses.fields(cls):
-                params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                                                annotation=types[f.name]))
-                hints[f.name] = types[f.name]
+        params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+                   for cls in blocks.values() for f in dataclasses.fields(cls)]
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
@@ -207,17 +201,10 @@ def takes(**blocks: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             return fn(**kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {**{p.name: p.annotation for p in params if p.name not in hints}, **hints}
         del wrapper.__wrapped__  # typer must read the new signature, not the wrapped function's
         return wrapper
 
     return deco
-
-
-def typing_hints(cls: type) -> dict[str, Any]:
-    import typing
-
-    return typing.get_type_hints(cls)
 
 
 def check_device(device: str) -> str:
@@ -233,19 +220,24 @@ def check_device(device: str) -> str:
             raise ConfigError(f"--device {device}: CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"--device {device}: MPS is not available on this machine")
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device {device!r}: promptopt runs on cpu, cuda or mps")
     return device
 
 
-@contextmanager
-def progress(quiet: bool) -> Iterator[Any]:
-    from .progress import progress_reporter
-
-    with progress_reporter(quiet=quiet) as prog:
-        yield prog
+def _show(data: Any, as_json: bool, title: str, columns: Sequence[str], left: str, rows: list[list[str]]) -> None:
+    """``data`` as JSON, or ``rows`` as a table (column ``left`` aligned left, the others right)."""
+    if as_json:
+        out_console.print_json(json.dumps(data))
+        return
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col == left else "right")
+    for row in rows:
+        table.add_row(*row)
+    out_console.print(table)
 
 
 # --- commands --------------------------------------------------------------------------------------------
@@ -257,28 +249,19 @@ def evaluate(
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Comma-separated pool sample ids (file stems)."),
     shots: Optional[int] = typer.Option(None, "--shots", help="Draw K pool examples with --seed."),
     seed: int = typer.Option(0, "--seed", help="Seed for --shots."),
-    as_json: bool = _flag("--json/--table", help="Machine-readable output (default: a table)."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Val and test mIoU of one prompt set."""
-    with user_errors():
-        from .task import evaluate_task
+    from .artifacts import jsonable
+    from .task import evaluate_task
 
-        ds = t.dataset()
-        ev = evaluate_task(t.task(ds, ds.resolve_category(t.category)), b.spec().build(),
-                           prompts=[p.strip() for p in prompts.split(",") if p.strip()] if prompts is not None else None,
-                           shots=shots, seed=seed)
-        if as_json:
-            from .artifacts import jsonable
-
-            out_console.print_json(json.dumps(jsonable(ev)))
-            return
-        table = Table(title=f"{ev['category']}: prompts {', '.join(ev['prompts'])}")
-        for col in ("split", "images", "mIoU"):
-            table.add_column(col, justify="left" if col == "split" else "right")
-        for part in ("val", "test"):
-            if ev[part] is not None:
-                table.add_row(part, str(len(ev["split"][part])), f"{ev[part]['miou']:.4f}")
-        out_console.print(table)
+    ds = t.dataset()
+    ev = evaluate_task(t.task(ds, ds.resolve_category(t.category)), b.spec().build(),
+                       prompts=[p.strip() for p in prompts.split(",") if p.strip()] if prompts is not None else None,
+                       shots=shots, seed=seed)
+    _show(jsonable(ev), as_json, f"{ev['category']}: prompts {', '.join(ev['prompts'])}", ("split", "images", "mIoU"),
+          "split", [[part, str(len(ev["split"][part])), f"{ev[part]['miou']:.4f}"]
+                    for part in ("val", "test") if ev[part] is not None])
 
 
 @app.command(cls=_Command)
@@ -287,6 +270,7 @@ def select(
     t: TaskArgs,
     b: BackendArgs,
     r: RunArgs,
+    s: SelectionArgs,
     strategy: str = typer.Option("forward", "--strategy", help=" | ".join(available_strategies())),
     max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="At most K prompts (the k of the baselines)."),
     k: Optional[int] = typer.Option(None, "--k", help="Exactly K prompts (random, random-search, retrieval)."),
@@ -300,22 +284,26 @@ def select(
     strategy_option: Optional[List[str]] = typer.Option(None, "--strategy-option", help="Other strategy option key=value."),
     seeds: int = typer.Option(10, "--random-seeds", help="Seeds of the random-k baseline."),
     no_baselines: bool = _flag("--no-baselines", help="Skip the baselines."),
-    s: SelectionArgs = SELECTION,
 ) -> None:
     """Choose the prompt set that maximises val mIoU; compare with baselines; write RUN_DIR."""
-    with user_errors():
-        from .run import run_strategy
+    if text and strategy != "text":
+        raise ConfigError(f"--text gives candidate phrases to --strategy text, not to --strategy {strategy}")
+    options = {"max_prompts": max_prompts, "k": k, "min_gain": min_gain, "patience": patience,
+               "shortlist": shortlist, "index": index, "diversity": diversity, "candidates": text or None,
+               **s.rule_options(), **_options(strategy_option, "--strategy-option")}
+    _run_strategy(t, b, r, s, strategy, lambda task: options, baselines=() if no_baselines else None,
+                  random_seeds=seeds)
 
-        if text and strategy != "text":
-            raise ConfigError(f"--text gives candidate phrases to --strategy text, not to --strategy {strategy}")
-        options = {"max_prompts": max_prompts, "k": k, "min_gain": min_gain, "patience": patience,
-                   "shortlist": shortlist, "index": index, "diversity": diversity, "candidates": text or None,
-                   **s.rule_options(),
-                   **_options(strategy_option, "--strategy-option")}
-        _run_each(t, r, lambda task, folder, prog: run_strategy(
-            task, b.spec(), folder, strategy, {k_: v for k_, v in options.items() if v is not None},
-            oracle=s.oracle, baselines=() if no_baselines else None, random_seeds=seeds,
-            memory_budget=r.memory_budget, restart=r.restart, progress=prog, command=_command_line()))
+
+def _run_strategy(t: TaskArgs, b: BackendArgs, r: RunArgs, s: SelectionArgs, strategy: str,
+                  options: Callable[[Any], dict[str, Any]], **kwargs: Any) -> None:
+    """Run ``strategy`` with ``options(task)`` (None values left out) on each category (select, tune, demo)."""
+    from .run import run_strategy
+
+    _run_each(t, r, lambda task, folder, prog: run_strategy(
+        task, b.spec(), folder, strategy, {k: v for k, v in options(task).items() if v is not None},
+        oracle=s.oracle, memory_budget=r.memory_budget, restart=r.restart, progress=prog, command=_command_line(),
+        **kwargs))
 
 
 def _run_each(t: TaskArgs, r: RunArgs, run_one: Callable[..., dict[str, Any]]) -> None:
@@ -324,7 +312,7 @@ def _run_each(t: TaskArgs, r: RunArgs, run_one: Callable[..., dict[str, Any]]) -
 
     ds = t.dataset()
     cats = [ds.resolve_category(t.category)] if t.category else ds.categories
-    with progress(r.quiet) as prog:
+    with progress_reporter(quiet=r.quiet) as prog:
         results = run_categories(lambda cat, folder: run_one(t.task(ds, cat), folder, prog), cats, r.out,
                                  log=out_console.print)
     if len(results) == 1:
@@ -340,6 +328,7 @@ def tune(
     t: TaskArgs,
     b: BackendArgs,
     r: RunArgs,
+    s: SelectionArgs,
     init: Optional[str] = typer.Option(None, "--init", help="RUN_DIR/prompt.json whose examples start the tuning, "
                                                             "'noise', or 'best-single' (default)."),
     shots: Optional[int] = typer.Option(None, "--shots", help="Start from K pool examples drawn with --seed."),
@@ -353,21 +342,14 @@ def tune(
     patience: int = typer.Option(5, "--patience", help="Evaluations without gain before stopping (0: never)."),
     context_side: Optional[int] = typer.Option(None, "--context-side", help="Long side of the learned tensors."),
     seed: int = typer.Option(0, "--seed", help="Seed of --shots, noise init and mini-batches."),
-    s: SelectionArgs = SELECTION,
 ) -> None:
     """Learn the prompt tensor (image and/or mask) with the model frozen; write RUN_DIR."""
-    with user_errors():
-        from .run import run_strategy, tuning_init
+    from .run import tuning_init
 
-        def one(task, folder, prog):
-            options = {"init": tuning_init(task, init, shots, seed), "steps": steps, "lr": lr, "batch_size": batch_size,
-                       "warmup": warmup, "tune": tune_what, "per_class": per_class, "eval_every": eval_every,
-                       "patience": patience or None, "context_side": context_side, "seed": seed, **s.rule_options()}
-            return run_strategy(task, b.spec(), folder, "tuned", {k: v for k, v in options.items() if v is not None},
-                                oracle=s.oracle, memory_budget=r.memory_budget, restart=r.restart, progress=prog,
-                                command=_command_line())
-
-        _run_each(t, r, one)
+    _run_strategy(t, b, r, s, "tuned", lambda task: {
+        "init": tuning_init(task, init, shots, seed), "steps": steps, "lr": lr, "batch_size": batch_size,
+        "warmup": warmup, "tune": tune_what, "per_class": per_class, "eval_every": eval_every,
+        "patience": patience or None, "context_side": context_side, "seed": seed, **s.rule_options()})
 
 
 @app.command(cls=_Command)
@@ -399,22 +381,17 @@ def search(
 
     Start the same command on several machines (same --storage database and --study-name) to share the trials.
     """
-    with user_errors():
-        from .search import run_search
-        from .search_storage import redact
+    from .search import run_search
+    from .search_storage import redact
 
-        names = [s.strip() for s in strategies.split(",") if s.strip()]
-        _run_each(t, r, lambda task, folder, prog: run_search(
-            task, folder, b.spec(), strategies=names, n_trials=n_trials, max_k=max_k, storage=storage,
-            study_name=f"{study_name}-{task.category}" if study_name and not t.category else study_name, seed=seed,
-            sampler=sampler, heartbeat_interval=heartbeat, tune_backend=not fixed_backend,
-            memory_budget=r.memory_budget, restart=r.restart, progress=prog, log=_note,
-            strategy_options={"text": {"candidates": text}} if text else None, command=redact(_command_line())))
-
-
-def _note(message: str) -> None:
-    """A one-line notice on stderr (a failed or lost trial)."""
-    console.print(message, highlight=False, markup=False, soft_wrap=True)
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    _run_each(t, r, lambda task, folder, prog: run_search(
+        task, folder, b.spec(), strategies=names, n_trials=n_trials, max_k=max_k, storage=storage,
+        study_name=f"{study_name}-{task.category}" if study_name and not t.category else study_name, seed=seed,
+        sampler=sampler, heartbeat_interval=heartbeat, tune_backend=not fixed_backend,
+        memory_budget=r.memory_budget, restart=r.restart, progress=prog,
+        log=functools.partial(console.print, highlight=False, markup=False, soft_wrap=True),  # failed or lost trials
+        strategy_options={"text": {"candidates": text}} if text else None, command=redact(_command_line())))
 
 
 @app.command(cls=_Command)
@@ -425,16 +402,15 @@ def predict(
     masks: Optional[Path] = typer.Option(None, "--masks", help="Ground-truth masks (same stems): IoU per image in the CSV."),
     overlays: bool = _flag("--overlays", help="Also write the images with the prediction drawn over them."),
     device: Optional[str] = typer.Option(None, "--device", help="torch device for the backend, e.g. cuda."),
-    quiet: bool = _flag("--quiet", help="No progress bars or progress lines."),
+    quiet: bool = QUIET,
 ) -> None:
     """Write PNG masks (+ predictions.csv, overlays) for new images with a saved prompt."""
-    with user_errors():
-        from .predict import predict_folder
+    from .predict import predict_folder
 
-        overrides = {"device": check_device(device)} if device else {}
-        with progress(quiet) as prog:
-            written = predict_folder(prompt, images, out, masks=masks, overlays=overlays, progress=prog, **overrides)
-        out_console.print(f"wrote {len(written)} mask(s) and predictions.csv to {out}")
+    overrides = {"device": check_device(device)} if device else {}
+    with progress_reporter(quiet=quiet) as prog:
+        written = predict_folder(prompt, images, out, masks=masks, overlays=overlays, progress=prog, **overrides)
+    out_console.print(f"wrote {len(written)} mask(s) and predictions.csv to {out}")
 
 
 @app.command(cls=_Command)
@@ -442,19 +418,14 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo run goes."),
     max_prompts: int = typer.Option(4, "--max-prompts"),
     category: Optional[str] = typer.Option(None, "--category", help="Only this object (default: all four)."),
-    quiet: bool = _flag("--quiet", help="No progress bars or progress lines."),
+    quiet: bool = QUIET,
 ) -> None:
     """The main job on the bundled DAVIS sample: forward selection vs baselines, with a report."""
-    with user_errors():
-        from .data import bundled_sample_root
-        from .run import run_strategy
+    from .data import bundled_sample_root
 
-        t = TaskArgs(data=bundled_sample_root(), category=category, split_seed=0, pool="0.5", val="0.25", test=None,
-                     num_classes=None, mask_mode="auto", images=None, keep_empty=False)
-        r = RunArgs(out=out, restart=False, memory_budget=None, quiet=quiet)
-        _run_each(t, r, lambda task, folder, prog: run_strategy(
-            task, BackendArgs("features", None, None, None).spec(), folder, "forward", {"max_prompts": max_prompts},
-            progress=prog, command=_command_line()))
+    _run_strategy(_defaults(TaskArgs, data=bundled_sample_root(), category=category), _defaults(BackendArgs),
+                  _defaults(RunArgs, out=out, quiet=quiet), _defaults(SelectionArgs), "forward",
+                  lambda task: {"max_prompts": max_prompts})
 
 
 # --- embedding indexes (retrieval) ------------------------------------------------------------------
@@ -475,17 +446,16 @@ def index_build(
     masked: bool = _flag("--masked", help="Mask-aware embeddings (features pooled on the object)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     mask_mode: str = typer.Option("auto", "--mask-mode", help="auto, binary or classes."),
-    quiet: bool = _flag("--quiet", help="No progress bars or progress lines."),
+    quiet: bool = QUIET,
 ) -> None:
     """Embed every image of a dataset (or one category) and save a FAISS index with its manifest."""
-    with user_errors():
-        from .index import build_dataset_index
+    from .index import build_dataset_index
 
-        with progress(quiet) as prog:
-            idx = build_dataset_index(data, out, category=category, encoder=encoder, checkpoint=checkpoint,
-                                      options=_options(option), kind=index_type, masked=masked,
-                                      batch_size=batch_size, mask_mode=mask_mode, progress=prog)
-        out_console.print(f"indexed {len(idx)} image(s) with {idx.encoder['name']} (dim {idx.dim}, {idx.kind}) into {out}")
+    with progress_reporter(quiet=quiet) as prog:
+        idx = build_dataset_index(data, out, category=category, encoder=encoder, checkpoint=checkpoint,
+                                  options=_options(option), kind=index_type, masked=masked,
+                                  batch_size=batch_size, mask_mode=mask_mode, progress=prog)
+    out_console.print(f"indexed {len(idx)} image(s) with {idx.encoder['name']} (dim {idx.dim}, {idx.kind}) into {out}")
 
 
 @index_app.command("query", cls=_Command)
@@ -493,26 +463,15 @@ def index_query(
     index: Path = typer.Option(..., "--index", help="Index folder."),
     image: Path = typer.Option(..., "--image", help="Query image file."),
     k: int = typer.Option(5, "--k", help="Neighbours to list."),
-    as_json: bool = _flag("--json/--table", help="Machine-readable output (default: a table)."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """List the k indexed images most similar to IMAGE (cosine similarity)."""
-    with user_errors():
-        from .index import query_index
+    from .index import query_index
 
-        hits = query_index(index, image, k)
-        if as_json:
-            out_console.print_json(json.dumps([{"key": key, "similarity": sim} for key, sim in hits]))
-            return
-        table = Table(title=f"{image.name}: {len(hits)} nearest in {index}")
-        for col in ("rank", "sample", "similarity"):
-            table.add_column(col, justify="left" if col == "sample" else "right")
-        for i, (key, sim) in enumerate(hits, 1):
-            table.add_row(str(i), key, f"{sim:.4f}")
-        out_console.print(table)
-
-
-def main() -> None:  # pragma: no cover - console-script entry point
-    app()
+    hits = query_index(index, image, k)
+    _show([{"key": key, "similarity": sim} for key, sim in hits], as_json, f"{image.name}: {len(hits)} nearest in "
+          f"{index}", ("rank", "sample", "similarity"), "sample",
+          [[str(i), key, f"{sim:.4f}"] for i, (key, sim) in enumerate(hits, 1)])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,18 +16,12 @@ already evaluated configuration is not run again (its outcome is reused).
 
 Storage and workers
     By default the study lives in ``<run_dir>/study.log``, an Optuna journal
-    file. ``storage`` takes a journal file path or a database URL
-    (``sqlite:///...``, ``postgresql://user:password@host/db`` for several
-    machines), see :mod:`promptopt.search_storage`. ``n_trials`` is the number
-    of *finished* (complete or pruned) trials the study should hold: rerunning
-    with a larger number adds the missing ones, and any number of workers
-    started with the same command finish exactly ``n_trials`` between them; a
-    worker that dies mid-trial has its trial run again by another. The rules
-    are in :mod:`promptopt.search_workers`. The sampler (``tpe``, ``random``,
-    ``gp``, ``cmaes``) is rebuilt for each trial with a seed derived from
-    ``seed`` and the trial's position, so reruns, extensions and parallel
-    workers draw fresh settings, and a killed single-worker search resumes to
-    the answer of an uninterrupted one.
+    file; ``storage`` takes a journal file path or a database URL (see
+    :mod:`promptopt.search_storage`). ``n_trials`` is the number of *finished*
+    (complete or pruned) trials the study should hold: rerunning with a larger
+    number adds the missing ones, and workers started with the same command
+    share them. :mod:`promptopt.search_workers` has the rules, dead workers'
+    trials and the per-trial sampler seeds included.
 
 Artifacts
     Every finished trial writes its prompt artifact to
@@ -50,7 +44,7 @@ import inspect
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -66,7 +60,7 @@ from .oracle import ValidationOracle
 from .run import Run, backend_config, describe, metric_definition
 from .search_storage import describe_storage, open_storage, quiet_optuna_warnings
 from .search_workers import SearchError, ordinals, run_worker, void_trials, worker_name
-from .space import MAX_K, Choice, Float, Int, SearchSpace
+from .space import MAX_K, Float, Int, SearchSpace
 from .strategies.base import ProgressFn, PromptStrategy
 from .strategies.registry import available_strategies, make_strategy, strategy_class
 from .task import Task
@@ -87,16 +81,9 @@ def suggest(trial: optuna.Trial, space: SearchSpace, prefix: str, max_k: int) ->
             out[p.name] = trial.suggest_int(name, p.low, max(p.low, high), log=p.log)
         elif isinstance(p, Float):
             out[p.name] = trial.suggest_float(name, p.low, p.high, log=p.log)
-        elif isinstance(p, Choice):
+        else:  # Choice: the three kinds are the whole vocabulary
             out[p.name] = trial.suggest_categorical(name, list(p.choices))
-        else:  # pragma: no cover - the three kinds above are the whole vocabulary
-            raise TypeError(f"unknown search-space entry {p!r}")
     return out
-
-
-def searchable_strategies() -> list[str]:
-    """Strategy names usable in ``strategies=`` (those that declare a search space)."""
-    return available_strategies(searchable=True)
 
 
 def check_sampler(name: str) -> str:
@@ -119,11 +106,9 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     cls, kwargs = {
         "tpe": (samplers.TPESampler, {"multivariate": True, "group": True, "constant_liar": True}),
         "random": (samplers.RandomSampler, {}),
-        "gp": (getattr(samplers, "GPSampler", None), {"deterministic_objective": True}),
+        "gp": (samplers.GPSampler, {"deterministic_objective": True}),
         "cmaes": (samplers.CmaEsSampler, {"consider_pruned_trials": True}),
     }[check_sampler(name)]
-    if cls is None:
-        raise ConfigError(f"--sampler {name}: this Optuna version ({optuna.__version__}) does not have it")
     accepted = inspect.signature(cls).parameters
     kwargs = {**kwargs, "seed": seed, "warn_independent_sampling": False}
     with quiet_optuna_warnings():
@@ -138,29 +123,13 @@ def params_seed(params: dict[str, Any]) -> int:
 class PromptSearch:
     """Optuna study over strategies and knobs for one task (scikit-learn style: ``fit`` returns self).
 
-    Parameters
-    ----------
-    backend:
-        The backend to search with: a :class:`BackendSpec` (or a registry name); each trial builds it
-        with the options it suggests on top of the spec's.
-    strategies:
-        Strategy names to search over (see :func:`searchable_strategies`).
-    n_trials:
-        Finished trials (complete or pruned) the study should hold after ``fit``, between all workers.
-    storage, study_name:
-        Where the study lives (see :mod:`promptopt.search_storage`); by default a journal file in ``run_dir``.
-    seed, sampler:
-        The study's sampler (one of :data:`SAMPLERS`) and its seed; each trial's sampler gets a seed derived
-        from it (None: fresh randomness).
-    heartbeat_interval, grace_period:
-        Seconds between a running trial's heartbeats, and the silence (default twice the interval) after
-        which the trial counts as lost and is run again.
-    max_failures:
-        Trials in a row that may fail (raise) in this worker before the search stops with the last error.
-    tune_backend:
-        Let trials choose the backend's declared options.
-    log:
-        Where messages about failed or lost trials go (one line each).
+    ``strategies`` name strategies that declare a search space. ``backend`` (a :class:`BackendSpec` or a
+    registry name) is built by each trial with the options it suggests on top of the spec's (with
+    ``tune_backend``); ``n_trials``, ``storage``, ``seed`` and ``sampler`` (one of :data:`SAMPLERS`) are as
+    in the module docstring. A running trial beats every ``heartbeat_interval`` seconds and counts as lost,
+    to be run again, after ``grace_period`` (default twice the interval) of silence; ``max_failures``
+    trials in a row that raise stop this worker with the last error; ``log`` gets one line per failed or
+    lost trial.
 
     Attributes after ``fit``: ``study_``, ``best_params_``, ``best_value_`` (val mIoU),
     ``best_trial_``, ``best_prompt_`` (path of the best trial's prompt.json), ``trials_run_``
@@ -175,7 +144,7 @@ class PromptSearch:
                  grace_period: int | None = None, max_failures: int = 5, progress: ProgressFn | None = None,
                  log: Callable[[str], None] | None = None,
                  strategy_options: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        known = searchable_strategies()
+        known = available_strategies(searchable=True)
         unknown = [s for s in strategies if s not in known]
         if unknown:
             raise ConfigError(f"unknown search strategy {unknown[0]!r}; available: {', '.join(known)}")
@@ -213,10 +182,6 @@ class PromptSearch:
         self._study: optuna.Study | None = None
 
     @property
-    def backend_space(self) -> SearchSpace:
-        return tuple(backend_class(self.backend.name).search_space) if self.tune_backend else ()
-
-    @property
     def where(self) -> str:
         """The study's storage as messages and reports show it (password hidden)."""
         return describe_storage(self.storage, self.run_dir)
@@ -231,10 +196,8 @@ class PromptSearch:
                 self._backends.pop(next(iter(self._backends)))
             be = None
             if options and hasattr(self._base, "with_options"):
-                try:
+                with suppress(ConfigError):  # an option that needs another model: build it
                     be = self._base.with_options(**options)  # type: ignore[union-attr]
-                except ConfigError:  # an option that needs another model: build it
-                    be = None
             if be is None:
                 be = self.backend.build(**options)
                 self._base = self._base or be
@@ -274,14 +237,15 @@ class PromptSearch:
                                             pruner=self.pruner, load_if_exists=True)
         except ValueError as exc:  # e.g. a study of that name that minimises
             raise ConfigError(f"study {self.study_name!r} in {self.where}: {exc}") from None
-        fp = fingerprint(self.study_identity())
+        identity = self.study_identity()
+        fp = fingerprint(identity)
         have = study.user_attrs.get("task_fingerprint")
         if have is None:
             if study.get_trials(deepcopy=False):
                 raise ConfigError(f"study {self.study_name!r} in {self.where} holds trials promptopt did not make; "
                                   "use another --study-name")
             study.set_user_attr("task_fingerprint", fp)
-            study.set_user_attr("task", self.study_identity()["task"])
+            study.set_user_attr("task", identity["task"])
             have = study.user_attrs.get("task_fingerprint")  # a worker racing to create it may have won
         if have != fp:
             raise ConfigError(f"study {self.study_name!r} in {self.where} was made for another task, backend or "
@@ -293,22 +257,19 @@ class PromptSearch:
     def _suggest(self, trial: optuna.Trial) -> None:
         strategy = trial.suggest_categorical("strategy", self.strategies)
         suggest(trial, self.space(strategy), strategy, self.max_k)
-        suggest(trial, self.backend_space, self.backend.name, self.max_k)
-
-    def configuration(self, params: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        """(strategy, its options, backend options) of a trial's parameters."""
-        strategy = params["strategy"]
-
-        def under(prefix: str) -> dict[str, Any]:
-            return {k[len(prefix) + 1:]: v for k, v in params.items() if k.startswith(prefix + ".")}
-
-        return strategy, under(strategy), under(self.backend.name)
+        if self.tune_backend:
+            suggest(trial, backend_class(self.backend.name).search_space, self.backend.name, self.max_k)
 
     def fit_configuration(self, params: dict[str, Any],
                           on_step: Callable[[int, float], None] | None = None) -> tuple[PromptStrategy, int]:
         """The strategy a trial's parameters describe, fitted on the pool, and the model forwards it took."""
-        strategy, options, backend_options = self.configuration(params)
-        _, oracle = self._backend(backend_options)
+        strategy = params["strategy"]
+
+        def under(prefix: str) -> dict[str, Any]:  # the knobs suggested as ``prefix.knob``
+            return {k[len(prefix) + 1:]: v for k, v in params.items() if k.startswith(prefix + ".")}
+
+        options = under(strategy)
+        _, oracle = self._backend(under(self.backend.name))
         forwards0 = oracle.forwards
         try:
             sel = make_strategy(strategy, oracle, strict=False, memory_budget=self.memory_budget,
@@ -382,10 +343,8 @@ def score_artifact(prompt_path: str | Path, samples: Sequence[Sample], num_class
     """Dataset-level mIoU of a saved prompt artifact (any kind: fixed, per-query, learned) on labelled samples."""
     from .predict import predict_labels
 
-    art = load_prompt(prompt_path)
-    backend = art.build_backend()
     acc = IoUAccumulator(num_classes)
-    for s, labels in zip(samples, predict_labels(art, samples, backend)):
+    for s, labels in zip(samples, predict_labels(prompt_path, samples)):
         acc.add(labels, s.mask, s.id)
     res = acc.result()
     return {"miou": res.miou, "fb_iou": res.summary.get("fb_iou"), "per_image_iou": res.per_image_iou}
@@ -393,18 +352,13 @@ def score_artifact(prompt_path: str | Path, samples: Sequence[Sample], num_class
 
 @contextmanager
 def publication_lock(run_dir: Path) -> Iterator[None]:
-    """One worker at a time publishes into a run folder (an advisory lock on ``.publish.lock``)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: workers should then use separate --out folders
-        yield
-        return
+    """One worker at a time publishes into a run folder (an advisory lock on ``.publish.lock``; POSIX only,
+    as the workers are: :func:`~promptopt.search_workers.worker_name` needs ``os.uname``)."""
+    import fcntl
+
     with open(run_dir / ".publish.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def _publish(src: Path, dest: Path) -> None:
@@ -414,10 +368,8 @@ def _publish(src: Path, dest: Path) -> None:
     tmp, old = dest.with_name(f".{dest.name}.{pid}"), dest.with_name(f".{dest.name}.old.{pid}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    try:
+    with suppress(FileNotFoundError):
         os.rename(dest, old)
-    except FileNotFoundError:
-        pass
     os.rename(tmp, dest)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -430,8 +382,7 @@ _STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", Tr
 def _why_void(trial: FrozenTrial, trials: Sequence[FrozenTrial]) -> str:
     if "surplus" in trial.user_attrs:
         return "surplus: " + str(trial.user_attrs["surplus"])
-    retry = next((t.number for t in trials if trial.number in t.system_attrs.get("retry_history", [])
-                  and t.system_attrs.get("retry_history", [])[-1] == trial.number), None)
+    retry = next((t.number for t in trials if t.system_attrs.get("retry_history", [])[-1:] == [trial.number]), None)
     why = "interrupted (Ctrl-C)" if "interrupted" in trial.user_attrs else trial.user_attrs.get("error", _LOST)
     return f"{why}; run again as trial {retry}" if retry is not None else why
 
@@ -459,9 +410,7 @@ def search_result(search: PromptSearch, test: dict[str, Any] | None, command: st
         "best_params": search.best_params_,
         "strategy": search.best_params_.get("strategy"),
         "val_miou": search.best_value_,
-        "test_miou": test["miou"] if test else None,
-        "test_fb_iou": test["fb_iou"] if test else None,
-        "test_per_image_iou": test["per_image_iou"] if test else None,
+        **{f"test_{k}": test[k] if test else None for k in ("miou", "fb_iou", "per_image_iou")},
         "selected": best.user_attrs.get("selected", []),
         "prompt": "best/prompt.json",
         "trials": {"total": len(counted), **{name: len(by_state[s]) for s, name in _STATE_NAMES.items()
@@ -601,5 +550,5 @@ def write_search_report(out: Path, result: dict[str, Any], cost: dict[str, Any],
     return out / "report.md"
 
 
-__all__ = ["PromptSearch", "run_search", "score_artifact", "open_storage", "suggest", "searchable_strategies",
-           "make_sampler", "check_sampler", "params_seed", "SAMPLERS", "SearchError"]
+__all__ = ["PromptSearch", "run_search", "score_artifact", "open_storage", "suggest", "make_sampler", "check_sampler",
+           "params_seed", "SAMPLERS", "SearchError"]

@@ -85,7 +85,7 @@ def selection_line(selection: Mapping[str, Any]) -> str:
     what = {"holdout": "holdout — every prompt set scored on the validation split",
             "cv": "cross-validated — every prompt set scored on all labelled pool and validation images except "
                   "its own prompts, compared with another set on the images both were scored on"}[selection["oracle"]]
-    line = f"- Selection oracle: {what}"
+    line = f"Selection oracle: {what}"
     rule = selection.get("rule")
     if rule == "none":
         line += "; acceptance rule: none (any positive gain is kept)"
@@ -110,50 +110,92 @@ def strategy_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
             for name, e in [(result["strategy"] + " (this run)", result), *result["baselines"].items()]]
 
 
+def write_run_report(folder: Path, title: str, facts: Sequence[str], sections: Sequence[Sequence[str]],
+                     figs: Sequence[tuple[str, str]], command: str | None) -> Path:
+    """report.md / report.html: a title, a list of facts, sections (a heading, then Markdown blocks), the figures
+    (already written beside the report) and the command that made the run."""
+    md = [f"# {title}", "", *(f"- {fact}" for fact in facts), ""]
+    for heading, *blocks in sections:
+        md += [f"## {heading}", ""] + [line for block in blocks for line in (block, "")]
+    write_report(folder, "\n".join(md + figures_and_command(figs, command)))
+    return folder / "report.md"
+
+
 def write_strategy_report(folder: Path, result: Mapping[str, Any], figs: Sequence[tuple[str, str]],
                           cost: Mapping[str, Any]) -> Path:
-    """report.md / report.html of a strategy run (figures already written beside them)."""
-    split = result["split"]
-    mem = result["memory"]
-    s = result["summary"]
-    sel = ", ".join(result["selected"]) or "(learned context)"
-    md = [
-        f"# promptopt report — {result['category']} ({result['strategy']})",
-        "",
-        f"- Data: `{result['data_root']}`, category `{result['category']}`, {result['num_classes']} classes",
-        f"- Split (seed {result['split_seed']}): pool {len(split['pool'])}, val {len(split['val'])}, "
+    """The report of a strategy run: data, split, backend, what was selected and how, the strategies compared,
+    the worst test images."""
+    split, mem, s = result["split"], result["memory"], result["summary"]
+    facts = [
+        f"Data: `{result['data_root']}`, category `{result['category']}`, {result['num_classes']} classes",
+        f"Split (seed {result['split_seed']}): pool {len(split['pool'])}, val {len(split['val'])}, "
         f"test {len(split['test'])}",
-        f"- Backend: `{result['backend']}` {result['backend_config'].get('checkpoint') or ''}",
-        f"- Options: {', '.join(f'{k}={v}' for k, v in sorted(result['options'].items())) or 'defaults'}",
-        f"- Selected ({len(result['selected'])}): {sel}",
-        f"- {'Cross-validated' if (result.get('selection') or {}).get('oracle') == 'cv' else 'Val'} mIoU "
+        f"Backend: `{result['backend']}` {result['backend_config'].get('checkpoint') or ''}",
+        f"Options: {', '.join(f'{k}={v}' for k, v in sorted(result['options'].items())) or 'defaults'}",
+        f"Selected ({len(result['selected'])}): {', '.join(result['selected']) or '(learned context)'}",
+        f"{'Cross-validated' if (result.get('selection') or {}).get('oracle') == 'cv' else 'Val'} mIoU "
         f"(optimised): **{fmt(result['val_miou'])}**; test mIoU (held out — trust this one): "
         f"**{fmt(result['test_miou'])}** (FB-IoU {fmt(result.get('test_fb_iou'))})",
-        f"- Metric: {result['metric']}",
+        f"Metric: {result['metric']}",
         selection_line(result.get("selection") or {"oracle": "holdout"}),
-        f"- Oracle: {result['evaluations']} prompt-set evaluations by the strategy; this session "
+        f"Oracle: {result['evaluations']} prompt-set evaluations by the strategy; this session "
         f"{cost['oracle']['val']['forwards']} model forwards on val; wall time {cost['wall_s_session']:.1f} s",
-        f"- Memory: the strategy compared an estimated peak of {format_bytes(mem['estimated_peak_bytes'])} "
+        f"Memory: the strategy compared an estimated peak of {format_bytes(mem['estimated_peak_bytes'])} "
         f"({mem['estimate_kind']}) with the budget {format_bytes(mem['budget_bytes'])}",
     ]
     if s.get("stop_reason"):
-        why = {"pool_exhausted": "the prompt pool has fewer examples than allowed"}.get(s["stop_reason"], s["stop_reason"])
-        md.append(f"- Stopped because: {why}")
+        why = {"pool_exhausted": "the prompt pool has fewer examples than allowed"}.get(s["stop_reason"])
+        facts.append(f"Stopped because: {why or s['stop_reason']}")
     if result["extra"]["val"]:
-        md.append("- Also scored: " + "; ".join(
-            f"{k} val {fmt(v)} / test {fmt(result['extra']['test'].get(k))}" for k, v in result["extra"]["val"].items()))
-    rows = strategy_rows(result)
-    md += ["", "## Strategies compared", "",
-           markdown_table(["strategy", "prompts", "val mIoU", "test mIoU", "test std"],
-                          [[r["name"], r["k"], r["val_miou"], r["test_miou"], r["test_std"]] for r in rows]), ""]
+        facts.append("Also scored: " + "; ".join(f"{k} val {fmt(v)} / test {fmt(result['extra']['test'].get(k))}"
+                                                 for k, v in result["extra"]["val"].items()))
+    sections = [["Strategies compared", markdown_table(
+        ["strategy", "prompts", "val mIoU", "test mIoU", "test std"],
+        [[r["name"], r["k"], r["val_miou"], r["test_miou"], r["test_std"]] for r in strategy_rows(result)])]]
     per = result.get("test_per_image_iou") or {}
     if per:
         worst = sorted(per.items(), key=lambda kv: kv[1] if kv[1] is not None else -1.0)[:5]
-        md += ["## Worst test images", "", markdown_table(["image", "IoU"], worst), "",
-               "Every image's IoU is in `per_image.csv`.", ""]
-    md += figures_and_command(figs, result.get("command"))
-    write_report(folder, "\n".join(md))
-    return folder / "report.md"
+        sections.append(["Worst test images", markdown_table(["image", "IoU"], worst),
+                         "Every image's IoU is in `per_image.csv`."])
+    return write_run_report(folder, f"promptopt report — {result['category']} ({result['strategy']})", facts,
+                            sections, figs, result.get("command"))
+
+
+def write_search_report(out: Path, result: Mapping[str, Any], cost: Mapping[str, Any],
+                        figs: Sequence[tuple[str, str]]) -> Path:
+    """The report of a search: the study, the best configuration, the top, failed, lost and surplus trials."""
+    numbers, tr = cost["trial_numbers"], result["trials"]
+
+    def knobs(params: Mapping[str, Any]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if k != "strategy")
+
+    facts = [
+        f"Study `{result['study_name']}` in `{result['storage']}` (sampler {result['sampler']}): {tr['total']} trials "
+        f"({', '.join(f'{k} {v}' for k, v in tr.items() if k != 'total')})",
+        f"Backend `{result['backend']}`; strategies searched: {', '.join(result['strategies'])}",
+        f"Best trial {result['best_trial']} (study trial #{cost['best_trial_number']}): val mIoU (optimised) "
+        f"**{fmt(result['val_miou'])}**, test mIoU (held out, scored once) **{fmt(result['test_miou'])}** "
+        f"(FB-IoU {fmt(result['test_fb_iou'])})",
+        f"Metric: {result['metric']}",
+        f"Best prompt: `best/prompt.json` ({', '.join(result['selected']) or 'learned context'})",
+    ]
+    sections = [
+        ["Best configuration", markdown_table(["parameter", "value"], sorted(result["best_params"].items()))],
+        ["Top trials", markdown_table(["trial", "study #", "val mIoU", "strategy", "parameters"],
+                                      [[t["trial"], numbers[str(t["trial"])], t["value"], t["params"].get("strategy"),
+                                        knobs(t["params"])] for t in result["top_trials"]])],
+    ]
+    if result["failed_trials"]:
+        sections.append(["Failed trials", "They raised an error; the search went on without them.", markdown_table(
+            ["trial", "study #", "strategy", "parameters", "error"],
+            [[t["trial"], numbers[str(t["trial"])], t["params"].get("strategy"), knobs(t["params"]), t["error"]]
+             for t in result["failed_trials"]])])
+    if cost["void_trials"]:
+        sections.append(["Lost and surplus trials", "Trials that stand for no result: a worker died or was "
+                         "interrupted (its parameters were run again), or the study already had its trials.",
+                         markdown_table(["study #", "why"], [[v["number"], v["why"]] for v in cost["void_trials"]])])
+    return write_run_report(out, f"promptopt search — {result['category']}", facts, sections, figs,
+                            result.get("command"))
 
 
 def one_line(result: Mapping[str, Any]) -> str:

@@ -131,20 +131,14 @@ class Run:
                 raise ConfigError(f"{self.folder}: not empty and holds no promptopt run (no {STATE_FILE}); "
                                   "choose a new or empty folder")
             return self._fresh()
-        try:
-            state = self._read_state()
-        except ConfigError:
-            if not restart:
-                raise
+        if restart:  # whatever the folder's run state says, even when it is damaged
             self._clear()
             return self._fresh()
-        if state["fingerprint"] != self.fingerprint or restart:
-            if not restart:
-                raise ConfigError(
-                    f"{self.folder} holds a different run ({spec_differences(state.get('spec', {}), self.spec)}); "
-                    "use --restart to replace it, or choose another --out")
-            self._clear()
-            return self._fresh()
+        state = self._read_state()
+        if state["fingerprint"] != self.fingerprint:
+            differs = spec_differences(state.get("spec", {}), self.spec)
+            raise ConfigError(f"{self.folder} holds a different run ({differs}); use --restart to replace it, "
+                              "or choose another --out")
         return state
 
     def _read_state(self) -> dict[str, Any]:

@@ -57,7 +57,8 @@ from .data import Sample
 from .errors import BudgetError, ConfigError
 from .metrics import IoUAccumulator
 from .oracle import ValidationOracle
-from .run import Run, backend_config, describe, metric_definition
+from .report import metric_definition, write_search_report
+from .run import Run, backend_config, describe
 from .search_storage import describe_storage, open_storage, quiet_optuna_warnings
 from .search_workers import SearchError, ordinals, run_worker, void_trials, worker_name
 from .space import MAX_K, Float, Int, SearchSpace
@@ -459,7 +460,8 @@ def run_search(task: Task, out: str | Path, backend: BackendSpec | str = "featur
         test = score_artifact(search.best_prompt_, task.split.test, task.num_classes) if task.split.test else None
         result, cost = search_result(search, test, command)
         cost = {"wall_s_session": round(time.perf_counter() - t0, 3), **cost}
-        write_search_report(search.run_dir, result, cost, search.study_, task, search.best_prompt_)
+        write_search_report(search.run_dir, result, cost, search_figures(
+            search.run_dir, search.study_, task, search.best_prompt_, result["test_per_image_iou"]))
         finished = run.finish(result, cost)
     if search.log:
         search.log(f"published best/ in {search.run_dir}: trial {result['best_trial']} "
@@ -467,17 +469,16 @@ def run_search(task: Task, out: str | Path, backend: BackendSpec | str = "featur
     return finished
 
 
-def write_search_report(out: Path, result: dict[str, Any], cost: dict[str, Any], study: optuna.Study, task: Task,
-                        best_prompt: Path) -> Path:
-    """report.md/.html: best configuration, Optuna's history and importance plots, failed and lost trials,
-    best prompts and predictions."""
+def search_figures(out: Path, study: optuna.Study, task: Task, best_prompt: Path,
+                   test_per_image_iou: Mapping[str, float | None] | None) -> list[tuple[str, str]]:
+    """The search report's figures: Optuna's history and parameter importances, the best trial's prompts and
+    its worst test images."""
     import warnings
 
     import optuna.visualization.matplotlib as ovm
 
     from .plots import plot_prompts, plot_worst, save_figure
     from .predict import predict_labels
-    from .report import figures_and_command, fmt, markdown_table, write_report
 
     def save(ax: Any, name: str) -> str:
         fig = ax.figure if hasattr(ax, "figure") and not hasattr(ax, "savefig") else ax
@@ -490,64 +491,17 @@ def write_search_report(out: Path, result: dict[str, Any], cost: dict[str, Any],
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
         figs.append(("Optimisation history (val mIoU per trial)",
                      save(ovm.plot_optimization_history(study), "history.png")))
-        try:
+        with suppress(ValueError, RuntimeError):  # too few trials or a degenerate search space
             figs.append(("Parameter importances (fANOVA on val mIoU)",
                          save(ovm.plot_param_importances(study), "importances.png")))
-        except (ValueError, RuntimeError):  # too few trials or a degenerate search space
-            pass
     art = load_prompt(best_prompt)
-    prompts = art.samples()
-    if prompts:
-        figs.append(("Prompts of the best trial", plot_prompts(prompts, out / "prompts.png").name))
+    if art.examples:
+        figs.append(("Prompts of the best trial", plot_prompts(art.samples(), out / "prompts.png").name))
     if task.split.test:
         figs.append(("The worst test images under the best configuration (lowest IoU first)", plot_worst(
-            task.split.test, result["test_per_image_iou"] or {}, lambda worst: predict_labels(art, worst),
+            task.split.test, test_per_image_iou or {}, lambda worst: predict_labels(art, worst),
             out / "predictions.png").name))
-    numbers = cost["trial_numbers"]
-
-    def knobs(params: dict[str, Any]) -> str:
-        return ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if k != "strategy")
-
-    params = markdown_table(["parameter", "value"], [[k, v] for k, v in sorted(result["best_params"].items())])
-    top = markdown_table(["trial", "study #", "val mIoU", "strategy", "parameters"],
-                         [[t["trial"], numbers[str(t["trial"])], t["value"], t["params"].get("strategy"),
-                           knobs(t["params"])] for t in result["top_trials"]])
-    tr = result["trials"]
-    md = [
-        f"# promptopt search — {result['category']}",
-        "",
-        f"- Study `{result['study_name']}` in `{result['storage']}` (sampler {result['sampler']}): "
-        f"{tr['total']} trials "
-        f"({', '.join(f'{k} {v}' for k, v in tr.items() if k != 'total')})",
-        f"- Backend `{result['backend']}`; strategies searched: {', '.join(result['strategies'])}",
-        f"- Best trial {result['best_trial']} (study trial #{cost['best_trial_number']}): val mIoU (optimised) "
-        f"**{fmt(result['val_miou'])}**, test mIoU (held out, scored once) **{fmt(result['test_miou'])}** "
-        f"(FB-IoU {fmt(result['test_fb_iou'])})",
-        f"- Metric: {result['metric']}",
-        f"- Best prompt: `best/prompt.json` ({', '.join(result['selected']) or 'learned context'})",
-        "",
-        "## Best configuration",
-        "",
-        params,
-        "",
-        "## Top trials",
-        "",
-        top,
-        "",
-    ]
-    if result["failed_trials"]:
-        md += ["## Failed trials", "", "They raised an error; the search went on without them.", "",
-               markdown_table(["trial", "study #", "strategy", "parameters", "error"],
-                              [[t["trial"], numbers[str(t["trial"])], t["params"].get("strategy"), knobs(t["params"]),
-                                t["error"]] for t in result["failed_trials"]]), ""]
-    if cost["void_trials"]:
-        md += ["## Lost and surplus trials", "",
-               "Trials that stand for no result: a worker died or was interrupted (its parameters were run "
-               "again), or the study already had its trials.", "",
-               markdown_table(["study #", "why"], [[v["number"], v["why"]] for v in cost["void_trials"]]), ""]
-    md += figures_and_command(figs, result.get("command"))
-    write_report(out, "\n".join(md))
-    return out / "report.md"
+    return figs
 
 
 __all__ = ["PromptSearch", "run_search", "score_artifact", "open_storage", "suggest", "make_sampler", "check_sampler",

@@ -33,7 +33,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -82,6 +82,16 @@ def done_keys(path: Path) -> set[tuple[str, int]]:
     return keys
 
 
+def pending(args, name: str, seeds: Sequence[int]) -> tuple[Path, list[tuple[Any, str, dict[str, Any], int]]]:
+    """The rows file ``name`` under --out, and the (dataset, category, split, seed) jobs it does not hold yet
+    (a killed benchmark resumes where it stopped)."""
+    torch.set_num_threads(1)
+    path = Path(args.out) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = done_keys(path)
+    return path, [(ds, cat, split, seed) for ds, cat, split in jobs(args) for seed in seeds if (cat, seed) not in done]
+
+
 def append(path: Path, row: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -124,23 +134,16 @@ def select_one(ds, cat: str, split: dict[str, Any], seed: int, args) -> dict[str
 
 
 def select(args) -> None:
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "selection_rows.jsonl"
-    done = done_keys(path)
-    for ds, cat, split in jobs(args):
-        for seed in args.seeds:
-            if (cat, seed) in done:
-                continue
-            row = select_one(ds, cat, split, seed, args)
-            row["options"] = {"backend": backend_options(args), "cap": args.cap, "configs": CONFIGS,
-                              "random_seeds": args.random_seeds, "split": split}
-            append(path, row)
-            c = row["configs"]
-            print(f"{cat} seed {seed}: " + "  ".join(
-                f"{key} k={v['k']} test {v['test']:.3f} (rk {v['random_k_test']:.3f}, rs {v['random_search_test']:.3f})"
-                for key, v in c.items() if key.endswith(("none", "se@1"))) + f"  [{row['seconds']:.0f} s]", flush=True)
+    path, todo = pending(args, "selection_rows.jsonl", args.seeds)
+    for ds, cat, split, seed in todo:
+        row = select_one(ds, cat, split, seed, args)
+        row["options"] = {"backend": backend_options(args), "cap": args.cap, "configs": CONFIGS,
+                          "random_seeds": args.random_seeds, "split": split}
+        append(path, row)
+        print(f"{cat} seed {seed}: " + "  ".join(
+            f"{key} k={v['k']} test {v['test']:.3f} (rk {v['random_k_test']:.3f}, rs {v['random_search_test']:.3f})"
+            for key, v in row["configs"].items() if key.endswith(("none", "se@1"))) + f"  [{row['seconds']:.0f} s]",
+            flush=True)
     summarize(args)
 
 
@@ -211,15 +214,8 @@ def category_table(rows: list[dict[str, Any]], configs: tuple[str, ...]) -> list
 def tuning(args) -> None:
     from promptopt.strategies.tuning import ContextTuner
 
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "tuning_rows.jsonl"
-    done = done_keys(path)
-    for ds, cat, split in jobs(args):
-        seed = args.seeds[0]
-        if (cat, seed) in done:
-            continue
+    path, todo = pending(args, "tuning_rows.jsonl", args.seeds[:1])
+    for ds, cat, split, seed in todo:
         task = Task.from_dataset(ds, cat, seed=seed, **split)
         backend = create_backend("features", **backend_options(args))
         _, test = task.oracles(backend)
@@ -252,7 +248,7 @@ def tuning(args) -> None:
         summary.append({"config": key, "start_test": float(s.mean()), "tuned_test": float(t.mean()),
                         "below_start": int(np.sum(t < s)), "pairs": len(rows)})
         print(f"| {key} | {s.mean():.3f} | {t.mean():.3f} | {int(np.sum(t < s))} of {len(rows)} | {(t - s).mean():+.3f} |")
-    (out / "tuning_selection.json").write_text(json.dumps({"summary": summary, "rows_file": path.name}, indent=1))
+    (path.parent / "tuning_selection.json").write_text(json.dumps({"summary": summary, "rows_file": path.name}, indent=1))
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .artifacts import fingerprint, load_prompt, read_json
+from .artifacts import PromptArtifact, fingerprint, load_prompt, read_json
 from .backends.base import Backend, BackendSpec, backend_class
 from .data import Sample
 from .errors import BudgetError, ConfigError
@@ -124,13 +124,29 @@ def params_seed(params: dict[str, Any]) -> int:
 class PromptSearch:
     """Optuna study over strategies and knobs for one task (scikit-learn style: ``fit`` returns self).
 
-    ``strategies`` name strategies that declare a search space. ``backend`` (a :class:`BackendSpec` or a
-    registry name) is built by each trial with the options it suggests on top of the spec's (with
-    ``tune_backend``); ``n_trials``, ``storage``, ``seed`` and ``sampler`` (one of :data:`SAMPLERS`) are as
-    in the module docstring. A running trial beats every ``heartbeat_interval`` seconds and counts as lost,
-    to be run again, after ``grace_period`` (default twice the interval) of silence; ``max_failures``
-    trials in a row that raise stop this worker with the last error; ``log`` gets one line per failed or
-    lost trial.
+    Parameters
+    ----------
+    backend:
+        The backend to search with: a :class:`BackendSpec` (or a registry name); each trial builds it
+        with the options it suggests on top of the spec's.
+    strategies:
+        Strategy names to search over (those that declare a search space: ``available_strategies(searchable=True)``).
+    n_trials:
+        Finished trials (complete or pruned) the study should hold after ``fit``, between all workers.
+    storage, study_name:
+        Where the study lives (see :mod:`promptopt.search_storage`); by default a journal file in ``run_dir``.
+    seed, sampler:
+        The study's sampler (one of :data:`SAMPLERS`) and its seed; each trial's sampler gets a seed derived
+        from it (None: fresh randomness).
+    heartbeat_interval, grace_period:
+        Seconds between a running trial's heartbeats, and the silence (default twice the interval) after
+        which the trial counts as lost and is run again.
+    max_failures:
+        Trials in a row that may fail (raise) in this worker before the search stops with the last error.
+    tune_backend:
+        Let trials choose the backend's declared options.
+    log:
+        Where messages about failed or lost trials go (one line each).
 
     Attributes after ``fit``: ``study_``, ``best_params_``, ``best_value_`` (val mIoU),
     ``best_trial_``, ``best_prompt_`` (path of the best trial's prompt.json), ``trials_run_``
@@ -340,12 +356,14 @@ class PromptSearch:
         return self
 
 
-def score_artifact(prompt_path: str | Path, samples: Sequence[Sample], num_classes: int) -> dict[str, Any]:
-    """Dataset-level mIoU of a saved prompt artifact (any kind: fixed, per-query, learned) on labelled samples."""
+def score_artifact(prompt: PromptArtifact | str | Path, samples: Sequence[Sample], num_classes: int,
+                   backend: Backend | None = None) -> dict[str, Any]:
+    """Dataset-level mIoU of a saved prompt artifact (any kind: fixed, per-query, learned) on labelled samples,
+    with ``backend`` when the caller has already rebuilt the artifact's."""
     from .predict import predict_labels
 
     acc = IoUAccumulator(num_classes)
-    for s, labels in zip(samples, predict_labels(prompt_path, samples)):
+    for s, labels in zip(samples, predict_labels(prompt, samples, backend)):
         acc.add(labels, s.mask, s.id)
     res = acc.result()
     return {"miou": res.miou, "fb_iou": res.summary.get("fb_iou"), "per_image_iou": res.per_image_iou}
@@ -457,11 +475,13 @@ def run_search(task: Task, out: str | Path, backend: BackendSpec | str = "featur
             return now.result()
         _publish(search.best_prompt_.parent, search.run_dir / "best")
         # scored from the trial's own folder, which no other worker ever rewrites
-        test = score_artifact(search.best_prompt_, task.split.test, task.num_classes) if task.split.test else None
+        art = load_prompt(search.best_prompt_)
+        backend = art.build_backend()  # once, for the test scores and the figures
+        test = score_artifact(art, task.split.test, task.num_classes, backend) if task.split.test else None
         result, cost = search_result(search, test, command)
         cost = {"wall_s_session": round(time.perf_counter() - t0, 3), **cost}
         write_search_report(search.run_dir, result, cost, search_figures(
-            search.run_dir, search.study_, task, search.best_prompt_, result["test_per_image_iou"]))
+            search.run_dir, search.study_, task, art, backend, result["test_per_image_iou"]))
         finished = run.finish(result, cost)
     if search.log:
         search.log(f"published best/ in {search.run_dir}: trial {result['best_trial']} "
@@ -469,10 +489,10 @@ def run_search(task: Task, out: str | Path, backend: BackendSpec | str = "featur
     return finished
 
 
-def search_figures(out: Path, study: optuna.Study, task: Task, best_prompt: Path,
+def search_figures(out: Path, study: optuna.Study, task: Task, art: PromptArtifact, backend: Backend,
                    test_per_image_iou: Mapping[str, float | None] | None) -> list[tuple[str, str]]:
-    """The search report's figures: Optuna's history and parameter importances, the best trial's prompts and
-    its worst test images."""
+    """The search report's figures: Optuna's history and parameter importances, the best trial's prompts
+    (``art``, with its rebuilt ``backend``) and its worst test images."""
     import warnings
 
     import optuna.visualization.matplotlib as ovm
@@ -494,12 +514,11 @@ def search_figures(out: Path, study: optuna.Study, task: Task, best_prompt: Path
         with suppress(ValueError, RuntimeError):  # too few trials or a degenerate search space
             figs.append(("Parameter importances (fANOVA on val mIoU)",
                          save(ovm.plot_param_importances(study), "importances.png")))
-    art = load_prompt(best_prompt)
     if art.examples:
         figs.append(("Prompts of the best trial", plot_prompts(art.samples(), out / "prompts.png").name))
     if task.split.test:
         figs.append(("The worst test images under the best configuration (lowest IoU first)", plot_worst(
-            task.split.test, test_per_image_iou or {}, lambda worst: predict_labels(art, worst),
+            task.split.test, test_per_image_iou or {}, lambda worst: predict_labels(art, worst, backend),
             out / "predictions.png").name))
     return figs
 

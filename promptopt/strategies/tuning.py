@@ -159,16 +159,31 @@ def _resize_to(x: torch.Tensor, side: int | None, mode: str) -> torch.Tensor:
 class ContextTuner(PromptStrategy):
     """Learn context tensors (prompt image and/or mask) with a frozen backend.
 
-    Parameters: ``oracle`` (scores the contexts; its backend must be differentiable in its Context
-    prompts); ``init``: ``"best-single"`` (the pool example with the best val mIoU), labelled samples
-    (one context each, or per class) or ``"noise"``; ``steps``, ``lr`` (peak, in logit space),
-    ``batch_size`` (training images per step), ``warmup`` (default steps/10, at most 10); ``tune``:
-    "image", "mask" or "both" (which tensors learn); ``per_class`` (semantic tasks: one context per
-    foreground class instead of shared palette contexts); ``eval_every`` (default steps/3, at most 10)
-    and ``patience`` (evaluations not kept before stopping; None: never stop early); ``rule``,
-    ``noise_z`` (see :mod:`promptopt.strategies.acceptance`); ``num_contexts``, ``noise_size``
-    (``init="noise"``: how many, and their (H, W); default the first training image's size);
-    ``context_side`` (downscale the learnable tensors to at most this long side; None keeps the size).
+    Parameters
+    ----------
+    oracle:
+        The validation oracle: scores the contexts (early stopping, the kept tensors); its
+        backend must be differentiable in its Context prompts.
+    init:
+        Starting point: ``"best-single"`` (the pool example with the best val mIoU),
+        labelled samples (one context each, or per class), or ``"noise"``.
+    steps, lr, batch_size, warmup:
+        Adam steps, peak learning rate (in logit space), training images per
+        step, linear warm-up steps (then cosine decay to zero; default steps/10, at most 10).
+    tune:
+        "image", "mask" or "both" — which tensors learn.
+    per_class:
+        Semantic tasks: one context per foreground class instead of shared palette contexts.
+    eval_every, patience:
+        Val mIoU every ``eval_every`` steps (default steps/3, at most 10); stop after
+        ``patience`` evaluations without improvement (None: never stop early).
+    rule, noise_z:
+        When an evaluation counts as an improvement: "none" (any gain), "se" or "bootstrap"
+        (the gain must beat the per-image paired noise; see :mod:`promptopt.strategies.acceptance`).
+    num_contexts, noise_size:
+        For ``init="noise"``: how many contexts and their (H, W) (default: the first training image's size).
+    context_side:
+        Downscale the learnable tensors so their long side is at most this (fewer parameters; None keeps the size).
 
     ``fit(pool)`` trains on the pool without the starting examples (all of it when nothing else is left).
     Attributes after ``fit``: ``contexts_`` (best contexts), ``score_`` (their val mIoU),

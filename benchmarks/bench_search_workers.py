@@ -33,7 +33,7 @@ from pathlib import Path
 import optuna
 
 from promptopt.data import bundled_sample_root
-from promptopt.search_storage import open_storage
+from promptopt.search.storage import open_storage
 
 
 def run_setting(workers: int, n_trials: int, data: Path, category: str, root: Path, storage: str | None) -> dict:

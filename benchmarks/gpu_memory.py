@@ -18,7 +18,7 @@ weights included) of:
   nothing else (``allocated_before_bytes`` says what was allocated before).
 
 Next to each peak: the backend's own estimate at this commit (``pred`` /
-``estimate``) and the analytic model of :mod:`promptopt.memory_models`
+``estimate``) and the analytic model of :mod:`promptopt.backends.memory_models`
 (``analytic``, with its relative error). Attention timings and the forward
 selection run of the original file are not regenerated here.
 
@@ -44,7 +44,7 @@ import torch
 
 from promptopt.data import Sample, bundled_sample_root, scan_category
 from promptopt.memory import cuda_peak_bytes, format_bytes
-from promptopt.memory_models import (
+from promptopt.backends.memory_models import (
     RELEASED_SAM_VISION, persam_memory, released_sam_config, seggpt_inference_memory, seggpt_tuning_memory,
 )
 
@@ -258,7 +258,7 @@ def run(device: str = "cuda", peak_fn: PeakFn = cuda_peak_bytes, seggpt_config: 
         "what": "CUDA peak memory (torch.cuda.max_memory_allocated, weights included) of the full-size architectures "
                 "with random-init weights, measured through promptopt's own backends by benchmarks/gpu_memory.py, "
                 "next to the backends' own estimates (pred / estimate / predicted_bytes) and the analytic models of "
-                "promptopt.memory_models (analytic*).",
+                "promptopt.backends.memory_models (analytic*).",
         "device": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else platform.processor(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

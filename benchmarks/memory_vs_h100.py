@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import SegGptConfig
 
-from promptopt.memory_models import persam_memory, released_sam_config, seggpt_inference_memory, seggpt_tuning_memory
+from promptopt.backends.memory_models import persam_memory, released_sam_config, seggpt_inference_memory, seggpt_tuning_memory
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """promptopt: optimise the prompt, not the weights, of in-context image segmenters.
 
-The data flows one way: dataset (:mod:`~promptopt.data`, :mod:`~promptopt.coco`,
+The data flows one way: dataset (:mod:`~promptopt.data`, with COCO in :mod:`~promptopt.data.coco`,
 :mod:`~promptopt.task`) → backend (:mod:`~promptopt.backends`) → oracle
 (:mod:`~promptopt.oracle`) → strategy (:mod:`~promptopt.strategies`, built by name
 through its registry) → run (:mod:`~promptopt.run`, :mod:`~promptopt.search`) →

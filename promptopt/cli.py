@@ -382,7 +382,7 @@ def search(
     Start the same command on several machines (same --storage database and --study-name) to share the trials.
     """
     from .search import run_search
-    from .search_storage import redact
+    from .search import redact
 
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     _run_each(t, r, lambda task, folder, prog: run_search(

@@ -5,7 +5,7 @@ with a budget parsed here. On CUDA a backend measures instead of extrapolating:
 :class:`CudaPeakProfiler` runs the exact call once per key (device, dtype, input
 size, mode, rows or contexts × batch) and caches the peak it needed above what
 was already allocated. Elsewhere the number is an analytic estimate
-(:mod:`promptopt.memory_models`). Whatever the figure, a CUDA out-of-memory
+(:mod:`promptopt.backends.memory_models`). Whatever the figure, a CUDA out-of-memory
 error inside a step becomes a one-line :class:`BudgetError`
 (:class:`out_of_memory_as_budget_error`).
 """

@@ -13,12 +13,15 @@ from .errors import ConfigError
 
 
 def load_entry(entry: Any, what: str) -> Any:
-    """``entry`` itself, or the object a ``"module:attr"`` string names; a ConfigError naming ``what`` if it
+    """``entry`` itself, or the object a ``"module:attr"`` string names (``attr`` may be dotted: ``Class.method``); a ConfigError naming ``what`` if it
     cannot be imported here."""
     if not isinstance(entry, str):
         return entry
     module, _, attr = entry.partition(":")
     try:
-        return getattr(importlib.import_module(module), attr)
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"{what} is registered but cannot be loaded here ({exc})") from None

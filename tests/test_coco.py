@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from promptopt.coco import default_images_dir, rle_string_counts
+from promptopt.data.coco import default_images_dir, rle_string_counts
 from promptopt.data import IGNORE_INDEX, bundled_sample_coco, load_dataset, split_samples
 from promptopt.errors import ConfigError, DataError
 from promptopt.task import Task

@@ -21,7 +21,7 @@ from transformers import SamVisionConfig, SegGptConfig
 
 from promptopt.errors import BudgetError, ConfigError
 from promptopt.memory import CudaPeakProfiler, ProfileKey, out_of_memory_as_budget_error
-from promptopt.memory_models import (
+from promptopt.backends.memory_models import (
     RELEASED_SAM_VISION as SAM_VIT, SamShape, SegGptShape, persam_memory, released_sam_config as sam_config,
     seggpt_inference_memory, seggpt_tuning_memory,
 )

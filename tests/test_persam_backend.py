@@ -455,7 +455,7 @@ def test_memory_figure_is_the_calibrated_model_cold_and_the_cuda_path_profiles_t
     cached). The CUDA path (measurement replaced) runs the exact uncached predict once per k and leaves no
     cached embedding, target or counter behind."""
     from promptopt.memory import PROFILE_MARGIN
-    from promptopt.memory_models import persam_memory
+    from promptopt.backends.memory_models import persam_memory
 
     be = PerSAMBackend.from_pretrained(str(sam_dir))
     expected = persam_memory(be.model, dtype=torch.float32, k=3, image_size_hw=(480, 854), cached=False,

@@ -22,7 +22,7 @@ from promptopt.backends.features import FeaturesBackend
 from promptopt.cli import app
 from promptopt.errors import ConfigError
 from promptopt.search import SAMPLERS, PromptSearch, SearchError, params_seed, run_search
-from promptopt.search_workers import FINISHED, is_surplus, sampler_seed
+from promptopt.search.workers import FINISHED, is_surplus, sampler_seed
 from promptopt.strategies.registry import make_strategy
 from promptopt.task import Task
 

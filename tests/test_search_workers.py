@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from promptopt.artifacts import read_json
 from promptopt.cli import app
-from promptopt.search_storage import open_storage
-from promptopt.search_workers import FINISHED, void_trials
+from promptopt.search.storage import open_storage
+from promptopt.search.workers import FINISHED, void_trials
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -30,7 +30,7 @@ HANGING_WORKER = """
 import sys, time
 from pathlib import Path
 import promptopt.search as search
-import promptopt.search_workers as workers
+import promptopt.search.workers as workers
 from promptopt.cli import app
 
 marker = Path(sys.argv[1])

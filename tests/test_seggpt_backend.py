@@ -247,7 +247,7 @@ def test_memory_estimate_is_the_calibrated_model_of_the_largest_call(checkpoint)
     """Off CUDA the figure is memory_models' (calibrated on the H100) for the largest call the backend makes:
     grouped feature-ensemble sets fill batch_size rows; output-ensemble maps grow with k; the input cache
     counts at its cap so the figure never depends on what happens to be cached."""
-    from promptopt.memory_models import seggpt_inference_memory
+    from promptopt.backends.memory_models import seggpt_inference_memory
 
     feat = SegGPTBackend.from_pretrained(checkpoint)  # batch_size 4
     out = SegGPTBackend.from_pretrained(checkpoint, ensemble="output", batch_size=2)

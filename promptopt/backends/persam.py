@@ -929,9 +929,9 @@ class PerSAMBackend(Backend):
         depend on what happened to be cached. On CUDA the exact call (``num_prompts``
         references and one query of ``image_size``, embeddings not cached) is profiled
         once per device, dtype, mode, size and k (:class:`~promptopt.memory.CudaPeakProfiler`);
-        elsewhere the analytic :func:`~promptopt.memory_models.persam_memory` (cold).
+        elsewhere the analytic :func:`~promptopt.backends.memory_models.persam_memory` (cold).
         """
-        from ..memory_models import persam_memory
+        from .memory_models import persam_memory
 
         hw = tuple(image_size or (self.input_size, self.input_size))
         k = max(1, int(num_prompts))

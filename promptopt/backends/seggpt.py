@@ -493,10 +493,10 @@ class SegGPTBackend(Backend):
         (:class:`~promptopt.memory.CudaPeakProfiler`, cached per device, dtype, input
         size, mode and rows, plus its stated margin), on top of the weights and the
         input cache at its cap. Elsewhere the analytic model
-        :func:`~promptopt.memory_models.seggpt_inference_memory` (calibrated on H100
+        :func:`~promptopt.backends.memory_models.seggpt_inference_memory` (calibrated on H100
         measurements; never below them in the test suite).
         """
-        from ..memory_models import seggpt_inference_memory
+        from .memory_models import seggpt_inference_memory
 
         rows = self.rows(num_prompts)
         hw = tuple(image_size or self.input_size)
@@ -511,8 +511,8 @@ class SegGPTBackend(Backend):
                             num_classes: int = 2) -> int:
         """Peak of one context-tuning step (``tuning_loss`` on ``batch_size`` images + backward):
         profiled on CUDA for exactly these contexts × images, else
-        :func:`~promptopt.memory_models.seggpt_tuning_memory` (with or without checkpointing)."""
-        from ..memory_models import seggpt_tuning_memory
+        :func:`~promptopt.backends.memory_models.seggpt_tuning_memory` (with or without checkpointing)."""
+        from .memory_models import seggpt_tuning_memory
 
         if self.device.type == "cuda":
             return self._profiled_peak((int(num_contexts), int(batch_size)), tuple(image_size), tuning=True)

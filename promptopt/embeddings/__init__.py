@@ -1,5 +1,8 @@
-"""Image encoders for retrieval: weight-free ``features``, open_clip ``clip``, transformers ``hf:``, ``backend:``."""
+"""Image encoders for retrieval, found by spec on a lazy registry like backends and strategies: weight-free
+``features``, open_clip ``clip``, transformers ``hf:``, a backend's own features ``backend:``."""
 
-from .base import EncodeProgress, Encoder, create_encoder, encoder_from_spec, l2_normalize
+from .base import (EncodeProgress, Encoder, available_encoders, create_encoder, encoder_from_spec, l2_normalize,
+                   register_encoder)
 
-__all__ = ["Encoder", "EncodeProgress", "create_encoder", "encoder_from_spec", "l2_normalize"]
+__all__ = ["Encoder", "EncodeProgress", "available_encoders", "create_encoder", "encoder_from_spec", "l2_normalize",
+           "register_encoder"]

@@ -22,6 +22,14 @@ from .base import Encoder, hash_json
 class BackendEncoder(Encoder):
     """Wraps a backend that implements ``image_embedding``."""
 
+    @classmethod
+    def from_spec(cls, arg: str, checkpoint: str | None, options: dict[str, Any]) -> "BackendEncoder":
+        """``backend[:NAME]`` (default ``features``, or the ``backend`` option): the backend built with the options."""
+        from ..backends.base import create_backend
+
+        name = arg or options.pop("backend", None) or "features"
+        return cls(create_backend(name, checkpoint, options))
+
     def __init__(self, backend: Backend) -> None:
         if not callable(getattr(backend, "image_embedding", None)):
             raise ConfigError(f"backend {backend.name!r} has no image_embedding(); use encoder 'features' or 'hf:...'")

@@ -12,6 +12,10 @@ retrieval picks each query's nearest pool examples as its prompt. Specs:
 Every encoder has a ``name`` (its spec), ``dim``, and a ``fingerprint`` that
 changes whenever the vectors it would produce change (weights, options); an
 index refuses to be queried with an encoder of another fingerprint.
+
+Schemes live in a lazy ``"module:attr"`` registry (:func:`register_encoder`), as
+backends and strategies do: this module never imports an encoder, so no
+encoder's dependencies load until its spec is used.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 
 from ..data import Sample
 from ..errors import ConfigError
+from ..registry import load_entry
 
 EncodeProgress = Callable[[int, int], None]
 """progress(done, total) in images; the CLI draws a bar from it."""
@@ -111,35 +116,39 @@ class Encoder(ABC):
         return l2_normalize(out)
 
 
+#: encoder scheme (the part of a spec before ":") → ``"module:factory"``, imported on first use. A factory
+#: takes ``(arg, checkpoint, options)``: ``arg`` is the spec's part after ":" ("" when there is none).
+_REGISTRY: dict[str, str | Callable[..., Encoder]] = {
+    "features": "promptopt.embeddings.features:FeatureStatsEncoder.from_spec",
+    "clip": "promptopt.embeddings.clip:OpenClipEncoder.from_spec",
+    "hf": "promptopt.embeddings.hf:HFVisionEncoder.from_spec",
+    "backend": "promptopt.embeddings.backend:BackendEncoder.from_spec",
+}
+
+
+def register_encoder(scheme: str, factory: str | Callable[..., Encoder]) -> None:
+    """Make encoder specs ``scheme`` / ``scheme:ARG`` available (a factory or a lazy ``"module:attr"`` path)."""
+    _REGISTRY[scheme] = factory
+
+
+def available_encoders() -> list[str]:
+    """Registered encoder schemes."""
+    return list(_REGISTRY)
+
+
 def create_encoder(name: str = "features", checkpoint: str | None = None,
                    options: Mapping[str, Any] | None = None) -> Encoder:
-    """Build an encoder from its spec (see the module docstring)."""
+    """Build an encoder from its spec ``scheme[:ARG]`` (see the module docstring)."""
+    scheme, _, arg = name.partition(":")
+    if scheme not in _REGISTRY:
+        raise ConfigError(f"unknown encoder {name!r}; registered: "
+                          + ", ".join(f"{s}[:ARG]" for s in _REGISTRY))
+    factory = _REGISTRY[scheme] = load_entry(_REGISTRY[scheme], f"encoder {scheme!r}")
     opts = dict(options or {})
     try:
-        if name == "features":
-            from .features import FeatureStatsEncoder
-
-            if checkpoint:
-                raise ConfigError("encoder 'features' is weight-free; drop --checkpoint")
-            return FeatureStatsEncoder(**opts)
-        if name == "clip" or name.startswith("clip:"):
-            from .clip import OpenClipEncoder
-
-            model = name.partition(":")[2] or opts.pop("model", None) or "ViT-B-32"
-            return OpenClipEncoder(model, pretrained=checkpoint, **opts)
-        if name.startswith("hf:"):
-            from .hf import HFVisionEncoder
-
-            return HFVisionEncoder(checkpoint or name[3:], **opts)
-        if name == "backend" or name.startswith("backend:"):
-            from ..backends.base import create_backend
-            from .backend import BackendEncoder
-
-            be_name = name.partition(":")[2] or opts.pop("backend", None) or "features"
-            return BackendEncoder(create_backend(be_name, checkpoint, opts))
+        return factory(arg, checkpoint, opts)
     except TypeError as exc:
         raise ConfigError(f"encoder {name!r}: bad options {sorted(opts)} ({exc})") from None
-    raise ConfigError(f"unknown encoder {name!r}; use features, clip[:MODEL], hf:<name_or_dir> or backend[:NAME]")
 
 
 def encoder_from_spec(spec: Mapping[str, Any]) -> Encoder:

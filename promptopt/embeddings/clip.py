@@ -24,6 +24,12 @@ from .base import Encoder
 class OpenClipEncoder(Encoder):
     """open_clip's ``encode_image`` with the model's own preprocessing."""
 
+    @classmethod
+    def from_spec(cls, arg: str, checkpoint: str | None, options: dict[str, Any]) -> "OpenClipEncoder":
+        """``clip[:MODEL]`` (default ViT-B-32, or the ``model`` option); ``checkpoint``: a pretrained tag or file."""
+        model = arg or options.pop("model", None) or "ViT-B-32"
+        return cls(model, pretrained=checkpoint, **options)
+
     def __init__(self, model: str = "ViT-B-32", pretrained: str | None = None, device: str = "cpu",
                  allow_random: bool = False) -> None:
         try:

@@ -34,6 +34,13 @@ class FeatureStatsEncoder(Encoder):
 
     name = "features"
 
+    @classmethod
+    def from_spec(cls, arg: str, checkpoint: str | None, options: dict[str, Any]) -> "FeatureStatsEncoder":
+        """``features`` (weight-free: no argument, no checkpoint)."""
+        if arg or checkpoint:
+            raise ConfigError("encoder 'features' is weight-free; drop " + ("--checkpoint" if checkpoint else f"':{arg}'"))
+        return cls(**options)
+
     def __init__(self, max_side: int = 128, scales: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
                  levels: Sequence[int] = (1, 2), background_weight: float = 0.25) -> None:
         if not levels or min(levels) < 1:

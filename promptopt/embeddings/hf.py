@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import Sample
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .base import Encoder
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,6 +27,13 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class HFVisionEncoder(Encoder):
     """A transformers vision model as an encoder (see the module docstring)."""
+
+    @classmethod
+    def from_spec(cls, arg: str, checkpoint: str | None, options: dict[str, Any]) -> "HFVisionEncoder":
+        """``hf:<name_or_dir>`` (or ``hf`` with the model as the checkpoint)."""
+        if not (checkpoint or arg):
+            raise ConfigError("encoder 'hf' needs a model: hf:<name_or_dir>")
+        return cls(checkpoint or arg, **options)
 
     def __init__(self, name_or_dir: str, device: str = "cpu") -> None:
         try:

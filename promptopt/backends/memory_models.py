@@ -44,7 +44,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 MiB = 1 << 20
 

@@ -17,10 +17,10 @@ already evaluated configuration is not run again (its outcome is reused).
 Storage and workers
     By default the study lives in ``<run_dir>/study.log``, an Optuna journal
     file; ``storage`` takes a journal file path or a database URL (see
-    :mod:`promptopt.search_storage`). ``n_trials`` is the number of *finished*
+    :mod:`promptopt.search.storage`). ``n_trials`` is the number of *finished*
     (complete or pruned) trials the study should hold: rerunning with a larger
     number adds the missing ones, and workers started with the same command
-    share them. :mod:`promptopt.search_workers` has the rules, dead workers'
+    share them. :mod:`promptopt.search.workers` has the rules, dead workers'
     trials and the per-trial sampler seeds included.
 
 Artifacts
@@ -51,20 +51,20 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .artifacts import PromptArtifact, fingerprint, load_prompt, read_json
-from .backends.base import Backend, BackendSpec, backend_class
-from .data import Sample
-from .errors import BudgetError, ConfigError
-from .metrics import IoUAccumulator
-from .oracle import ValidationOracle
-from .report import metric_definition, write_search_report
-from .run import Run, backend_config, describe
-from .search_storage import describe_storage, open_storage, quiet_optuna_warnings
-from .search_workers import SearchError, ordinals, run_worker, void_trials, worker_name
-from .space import MAX_K, Float, Int, SearchSpace
-from .strategies.base import ProgressFn, PromptStrategy
-from .strategies.registry import available_strategies, make_strategy, strategy_class
-from .task import Task
+from ..artifacts import PromptArtifact, fingerprint, load_prompt, read_json
+from ..backends.base import Backend, BackendSpec, backend_class
+from ..data import Sample
+from ..errors import BudgetError, ConfigError
+from ..metrics import IoUAccumulator
+from ..oracle import ValidationOracle
+from ..report import metric_definition, write_search_report
+from ..run import Run, backend_config, describe
+from .storage import describe_storage, open_storage, quiet_optuna_warnings
+from .workers import SearchError, ordinals, run_worker, void_trials, worker_name
+from ..space import MAX_K, Float, Int, SearchSpace
+from ..strategies.base import ProgressFn, PromptStrategy
+from ..strategies.registry import available_strategies, make_strategy, strategy_class
+from ..task import Task
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -134,7 +134,7 @@ class PromptSearch:
     n_trials:
         Finished trials (complete or pruned) the study should hold after ``fit``, between all workers.
     storage, study_name:
-        Where the study lives (see :mod:`promptopt.search_storage`); by default a journal file in ``run_dir``.
+        Where the study lives (see :mod:`promptopt.search.storage`); by default a journal file in ``run_dir``.
     seed, sampler:
         The study's sampler (one of :data:`SAMPLERS`) and its seed; each trial's sampler gets a seed derived
         from it (None: fresh randomness).
@@ -360,7 +360,7 @@ def score_artifact(prompt: PromptArtifact | str | Path, samples: Sequence[Sample
                    backend: Backend | None = None) -> dict[str, Any]:
     """Dataset-level mIoU of a saved prompt artifact (any kind: fixed, per-query, learned) on labelled samples,
     with ``backend`` when the caller has already rebuilt the artifact's."""
-    from .predict import predict_labels
+    from ..predict import predict_labels
 
     acc = IoUAccumulator(num_classes)
     for s, labels in zip(samples, predict_labels(prompt, samples, backend)):
@@ -372,7 +372,7 @@ def score_artifact(prompt: PromptArtifact | str | Path, samples: Sequence[Sample
 @contextmanager
 def publication_lock(run_dir: Path) -> Iterator[None]:
     """One worker at a time publishes into a run folder (an advisory lock on ``.publish.lock``; POSIX only,
-    as the workers are: :func:`~promptopt.search_workers.worker_name` needs ``os.uname``)."""
+    as the workers are: :func:`~promptopt.search.workers.worker_name` needs ``os.uname``)."""
     import fcntl
 
     with open(run_dir / ".publish.lock", "a") as fh:
@@ -497,8 +497,8 @@ def search_figures(out: Path, study: optuna.Study, task: Task, art: PromptArtifa
 
     import optuna.visualization.matplotlib as ovm
 
-    from .plots import plot_prompts, plot_worst, save_figure
-    from .predict import predict_labels
+    from ..plots import plot_prompts, plot_worst, save_figure
+    from ..predict import predict_labels
 
     def save(ax: Any, name: str) -> str:
         fig = ax.figure if hasattr(ax, "figure") and not hasattr(ax, "savefig") else ax

@@ -53,13 +53,69 @@ from typing import Any, Iterable
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .data import IGNORE_INDEX, LABELME_HINT, Dataset, MaskMode, Sample, image_size
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
+from .folders import has_folder_layout
+from .masks import IGNORE_INDEX, LABELME_HINT, MaskMode
+from .samples import Dataset, Sample, image_size
 
 
 # --------------------------------------------------------------------------------------------------
 # the file
 # --------------------------------------------------------------------------------------------------
+def _annotation_files(folder: Path) -> list[Path]:
+    """JSON files directly in ``folder`` or in ``folder/annotations/`` (where COCO and CVAT exports keep them)."""
+    found = []
+    for d in (folder, folder / "annotations"):
+        if d.is_dir():
+            found += [p for p in sorted(d.iterdir()) if p.is_file() and p.suffix.lower() == ".json"
+                      and not p.name.startswith(".")]
+    return found
+
+
+def _is_labelme(path: Path) -> bool:
+    """Whether a JSON file is a LabelMe annotation (one per image: 'shapes' and 'imagePath'), for a better error."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "shapes" in doc and "imagePath" in doc
+
+
+def coco_source(source: Path) -> Path | None:
+    """The COCO annotations file ``source`` designates, or None for a folder dataset.
+
+    A ``.json`` file is COCO. A folder is a folder dataset when it has
+    ``masks/`` or category subfolders; otherwise (e.g. ``images/`` and
+    ``annotations/instances_default.json``, CVAT's COCO export) it is COCO when
+    it holds exactly one JSON file, directly or in ``annotations/``.
+    """
+    if source.is_file():
+        suffix = source.suffix.lower()
+        if suffix == ".json":
+            return source
+        if suffix == ".xml":
+            raise DataError(
+                f"{source}: XML annotations (CVAT, Pascal VOC) are not read; export the task as COCO 1.0 "
+                "(CVAT) or save the masks as PNG files"
+            )
+        raise DataError(f"{source}: not a dataset folder or a COCO annotations .json file")
+    if (source / "masks").is_dir():
+        return None
+    if any(d.is_dir() and not d.name.startswith(".") and has_folder_layout(d) for d in source.iterdir()):
+        return None
+    candidates = _annotation_files(source)
+    if len(candidates) > 1:
+        if _is_labelme(candidates[0]):
+            raise DataError(
+                f"{source}: holds LabelMe annotations ({candidates[0].name}, ...), not COCO; {LABELME_HINT}"
+            )
+        raise DataError(
+            f"{source}: holds several JSON files ({', '.join(str(p.relative_to(source)) for p in candidates[:6])}"
+            f"{', ...' if len(candidates) > 6 else ''}); pass the COCO instances file itself"
+        )
+    return candidates[0] if candidates else None
+
+
 def read_annotations(path: str | Path) -> dict[str, Any]:
     """Parse a COCO instances JSON file, or raise a DataError naming it and saying what it is instead."""
     path = Path(path)

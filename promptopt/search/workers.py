@@ -23,7 +23,7 @@ Exactly ``n_trials``
 
 Dead workers
     Before asking, and while waiting, a worker fails the trials of dead workers and queues their
-    parameters again as a WAITING trial (:class:`~promptopt.search_storage.RetryDeadTrial`, Optuna's
+    parameters again as a WAITING trial (:class:`~promptopt.search.storage.RetryDeadTrial`, Optuna's
     ``RetryFailedTrialCallback``): a trial whose heartbeat is older than the grace period (Optuna's
     ``fail_stale_trials``); a trial whose worker was a process of this machine that has ended (so a search
     rerun right after a kill does not wait for the grace period); a RUNNING trial that no worker claimed
@@ -60,8 +60,8 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from .errors import PromptOptError
-from .search_storage import RetryDeadTrial, quiet_optuna_warnings
+from ..errors import PromptOptError
+from .storage import RetryDeadTrial, quiet_optuna_warnings
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 _HELD = (TrialState.RUNNING, TrialState.WAITING)

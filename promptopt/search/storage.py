@@ -41,7 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 # Optuna exposes the heartbeat interface only from this module; ``fail_stale_trials`` checks for it.
 from optuna.storages._heartbeat import BaseHeartbeat
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 #: trial system attribute holding the journal heartbeat (seconds since the epoch, this machine's clock)
 HEARTBEAT_ATTR = "promptopt:heartbeat"
